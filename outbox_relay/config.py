@@ -1,0 +1,146 @@
+"""Relay settings: one validated, immutable object, plus helpers to show them safely."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from outbox_relay.errors import ConfigError, InvalidSubjectError
+from outbox_relay.queries import Names
+from outbox_relay.subjects import validate_subject
+
+DEFAULT_STREAM = "noetl_events"
+DEFAULT_SUBJECT_PREFIX = "noetl.events"
+DEFAULT_SCHEMA = "noetl"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# NATS's default max_payload; the producer refuses larger payloads before commit.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# JetStream stream names: no white space, no '.', '*', '>', path separators.
+_STREAM_NAME = re.compile(r"^[^\s.*>/\\\x00-\x1f]{1,255}$")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from ``"120"``, ``"120s"``, ``"2m"``, ``"24h"``, ``"500ms"``."""
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(
+            f"invalid duration {text!r}: use a number of seconds or a number with "
+            "ms, s, m, h or d, e.g. 120s, 2m, 24h"
+        )
+    return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the relay needs. Construct it directly or through the CLI."""
+
+    database_url: str = ""  # empty: libpq's PG* environment variables and defaults
+    nats_urls: tuple[str, ...] = (DEFAULT_NATS_URL,)
+    stream: str = DEFAULT_STREAM
+    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
+    schema: str = DEFAULT_SCHEMA
+    batch_size: int = 500
+    poll_interval: float = 5.0
+    max_attempts: int = 10
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    duplicate_window: float = 120.0
+    max_age: float = 24 * 3600.0
+    publish_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    names: Names = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", Names(self.schema))
+        if not self.nats_urls or not all(u.strip() for u in self.nats_urls):
+            raise ConfigError("the NATS URL list is empty: set --nats-url or OUTBOX_NATS_URL")
+        for url in self.nats_urls:
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            if parts.scheme not in {"nats", "tls", "ws", "wss"} or not parts.hostname:
+                raise ConfigError(
+                    f"invalid NATS URL {redact_url(url)!r}: expected nats://host:port"
+                )
+        if not _STREAM_NAME.match(self.stream):
+            raise ConfigError(
+                f"invalid stream name {self.stream!r}: no spaces, '.', '*', '>' or slashes"
+            )
+        try:
+            validate_subject(self.subject_prefix)
+        except InvalidSubjectError as exc:
+            raise ConfigError(f"subject prefix: {exc}") from None
+        _require(1 <= self.batch_size <= 10_000, "batch size must be between 1 and 10000")
+        _require(self.max_attempts >= 1, "max attempts must be at least 1")
+        for name in ("poll_interval", "retry_backoff", "publish_timeout", "connect_timeout"):
+            _require(getattr(self, name) > 0, f"{name.replace('_', ' ')} must be positive")
+        _require(
+            self.retry_backoff_max >= self.retry_backoff,
+            "retry backoff max must be at least the retry backoff",
+        )
+        _require(self.duplicate_window > 0, "duplicate window must be positive")
+        _require(self.max_age >= 0, "max age must be zero (unlimited) or positive")
+        _require(
+            self.max_age == 0 or self.duplicate_window <= self.max_age,
+            "duplicate window must not exceed max age",
+        )
+
+    @property
+    def subject_wildcard(self) -> str:
+        """What the stream binds: every subject under the prefix."""
+        return f"{self.subject_prefix}.>"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def split_nats_urls(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password or token replaced, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.password is not None else "***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+def describe_database(conninfo: str) -> str:
+    """``user@host:port/dbname`` of a libpq connection string or URL, without secrets."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:  # malformed: connect() reports it in detail
+        return "<unparsable connection string>"
+
+    def param(key: str, env: str) -> str:
+        return str(params.get(key) or os.environ.get(env, ""))
+
+    where = param("host", "PGHOST") or "localhost"
+    if port := param("port", "PGPORT"):
+        where = f"{where}:{port}"
+    user = param("user", "PGUSER")
+    dbname = param("dbname", "PGDATABASE") or user or "(default database)"
+    return f"{user}@{where}/{dbname}" if user else f"{where}/{dbname}"

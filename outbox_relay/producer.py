@@ -1,0 +1,296 @@
+"""The producer API: write to the outbox inside the caller's own transaction.
+
+Each call is a single SQL statement, so it is atomic even on an autocommit
+connection, and nothing reaches the stream unless the caller's transaction commits.
+The statement-level trigger on the outbox wakes the relay at commit.
+
+Statements are prepared by pure functions shared by the sync and async twins; the
+twins only execute them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from outbox_relay.config import DEFAULT_MAX_PAYLOAD, DEFAULT_SCHEMA, DEFAULT_SUBJECT_PREFIX
+from outbox_relay.errors import (
+    ConfigError,
+    InvalidHeadersError,
+    InvalidSubjectError,
+    PayloadTooLargeError,
+)
+from outbox_relay.ids import SnowflakeGenerator, shard_id_from_env
+from outbox_relay.queries import Names, query
+from outbox_relay.subjects import event_subject, validate_subject
+
+# Headers the relay sets on every message; a producer must not override them.
+RESERVED_HEADERS = frozenset({"nats-msg-id", "nats-expected-stream"})
+_HEADER_KEY = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ':' (RFC 7230 token-ish)
+
+Headers = Mapping[str, str]
+_Statement = tuple[sql.Composed, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """Writes events and messages to the outbox of one schema."""
+
+    schema: str = DEFAULT_SCHEMA
+    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    ids: SnowflakeGenerator = field(default_factory=SnowflakeGenerator)
+    names: Names = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", Names(self.schema))
+        validate_subject(self.subject_prefix)
+        if self.max_payload < 1:
+            raise ConfigError("max payload must be at least 1 byte")
+
+    @classmethod
+    def from_env(cls) -> Producer:
+        """Configured by ``OUTBOX_SCHEMA``, ``OUTBOX_SUBJECT_PREFIX``,
+        ``OUTBOX_MAX_PAYLOAD`` and ``OUTBOX_SHARD_ID``."""
+        raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
+        try:
+            max_payload = int(raw_max)
+        except ValueError:
+            raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
+        return cls(
+            schema=os.environ.get("OUTBOX_SCHEMA", DEFAULT_SCHEMA),
+            subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
+            max_payload=max_payload,
+            ids=SnowflakeGenerator(shard_id_from_env()),
+        )
+
+    # -- NoETL events -------------------------------------------------------------
+
+    def emit_event(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        event_type: str,
+        execution_id: int,
+        event_id: int | None = None,
+        headers: Headers | None = None,
+        **columns: Any,
+    ) -> int:
+        """Insert a ``noetl.event`` row and its outbox row; return the event id.
+
+        The subject is ``<prefix>.<event_type>``, the payload the row as
+        ``to_jsonb`` renders it, the ``Nats-Msg-Id`` the event id. Other columns of
+        the event table are passed by name; dicts and lists are stored as jsonb.
+        """
+        statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
+        with _translated_errors():
+            row = conn.execute(*statement).fetchone()
+        return _first(row)
+
+    async def emit_event_async(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        event_type: str,
+        execution_id: int,
+        event_id: int | None = None,
+        headers: Headers | None = None,
+        **columns: Any,
+    ) -> int:
+        """:meth:`emit_event` for an :class:`psycopg.AsyncConnection`."""
+        statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
+        with _translated_errors():
+            cur = await conn.execute(*statement)
+            row = await cur.fetchone()
+        return _first(row)
+
+    # -- any message ----------------------------------------------------------------
+
+    def enqueue(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        headers: Headers | None = None,
+    ) -> int:
+        """Queue ``payload`` for ``subject`` with ``Nats-Msg-Id: msg_id``; return the queue id."""
+        statement = self._enqueue_statement(subject, payload, msg_id, headers)
+        with _translated_errors():
+            row = conn.execute(*statement).fetchone()
+        return _first(row)
+
+    async def enqueue_async(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        headers: Headers | None = None,
+    ) -> int:
+        """:meth:`enqueue` for an :class:`psycopg.AsyncConnection`."""
+        statement = self._enqueue_statement(subject, payload, msg_id, headers)
+        with _translated_errors():
+            cur = await conn.execute(*statement)
+            row = await cur.fetchone()
+        return _first(row)
+
+    # -- statements (pure) -------------------------------------------------------------
+
+    def _emit_statement(
+        self,
+        event_type: str,
+        execution_id: int,
+        event_id: int | None,
+        headers: Headers | None,
+        columns: Mapping[str, Any],
+    ) -> _Statement:
+        row = {
+            **columns,
+            "execution_id": execution_id,
+            "event_id": self.ids.next_id() if event_id is None else event_id,
+            "event_type": event_type,
+        }
+        params = {f"col_{name}": _adapt(value) for name, value in row.items()}
+        params |= {
+            "subject": event_subject(self.subject_prefix, event_type),
+            "headers": _headers_param(headers),
+            "max_payload": self.max_payload,
+        }
+        statement = query(
+            "emit_event",
+            self.names,
+            columns=sql.SQL(", ").join(sql.Identifier(name) for name in row),
+            values=sql.SQL(", ").join(sql.Placeholder(f"col_{name}") for name in row),
+        )
+        return statement, params
+
+    def _enqueue_statement(
+        self, subject: str, payload: bytes, msg_id: str, headers: Headers | None
+    ) -> _Statement:
+        validate_subject(subject)
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        if len(payload) > self.max_payload:
+            raise PayloadTooLargeError(
+                f"payload of {len(payload)} bytes exceeds the maximum of {self.max_payload} "
+                f"bytes (subject {subject})"
+            )
+        if not msg_id or any(ch in msg_id for ch in "\r\n\x00"):
+            raise InvalidHeadersError(
+                f"invalid msg_id {msg_id!r}: it must be non-empty, one line"
+            )
+        params = {
+            "subject": subject,
+            "payload": bytes(payload),
+            "event_id": msg_id,
+            "headers": _headers_param(headers),
+            "max_payload": self.max_payload,
+        }
+        return query("enqueue", self.names), params
+
+
+def _headers_param(headers: Headers | None) -> Jsonb | None:
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if not _HEADER_KEY.match(key):
+            raise InvalidHeadersError(f"invalid header name {key!r}")
+        if key.lower() in RESERVED_HEADERS:
+            raise InvalidHeadersError(f"header {key!r} is set by the relay and cannot be given")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise InvalidHeadersError(f"header {key!r} must be a one-line string")
+    return Jsonb(dict(headers), dumps=_dumps)
+
+
+def _adapt(value: Any) -> Any:
+    return Jsonb(value, dumps=_dumps) if isinstance(value, dict | list) else value
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _first(row: tuple[Any, ...] | None) -> int:
+    assert row is not None, "INSERT ... RETURNING returned no row"
+    return int(row[0])
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.ProgramLimitExceeded as exc:
+        raise PayloadTooLargeError(exc.diag.message_primary or str(exc)) from exc
+    except psycopg.errors.CheckViolation as exc:
+        if exc.diag.constraint_name == "event_outbox_subject_valid":
+            raise InvalidSubjectError(f"invalid subject: {exc.diag.message_primary}") from exc
+        raise
+
+
+_default: Producer | None = None
+
+
+def default_producer() -> Producer:
+    """The producer the module-level functions use, configured from the environment."""
+    global _default  # noqa: PLW0603 - one lazily built, process-wide default
+    if _default is None:
+        _default = Producer.from_env()
+    return _default
+
+
+def emit_event(
+    conn: psycopg.Connection[Any], *, event_type: str, execution_id: int, **columns: Any
+) -> int:
+    """:meth:`Producer.emit_event` with the default producer."""
+    return default_producer().emit_event(
+        conn, event_type=event_type, execution_id=execution_id, **columns
+    )
+
+
+async def emit_event_async(
+    conn: psycopg.AsyncConnection[Any], *, event_type: str, execution_id: int, **columns: Any
+) -> int:
+    """:meth:`Producer.emit_event_async` with the default producer."""
+    return await default_producer().emit_event_async(
+        conn, event_type=event_type, execution_id=execution_id, **columns
+    )
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    *,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    headers: Headers | None = None,
+) -> int:
+    """:meth:`Producer.enqueue` with the default producer."""
+    return default_producer().enqueue(
+        conn, subject=subject, payload=payload, msg_id=msg_id, headers=headers
+    )
+
+
+async def enqueue_async(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    headers: Headers | None = None,
+) -> int:
+    """:meth:`Producer.enqueue_async` with the default producer."""
+    return await default_producer().enqueue_async(
+        conn, subject=subject, payload=payload, msg_id=msg_id, headers=headers
+    )

@@ -1,0 +1,174 @@
+"""Publish a claimed batch to JetStream, pipelined, and sort out what each PubAck says.
+
+The classification is pure (:func:`classify`), so it is tested without a server; the
+:class:`Publisher` does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from outbox_relay.store import Failure, OutboxMessage
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+_HEADER_LINE = b"NATS/1.0\r\n"
+_CRLF = 2
+# JetStream API errors that are about the server's state, not the message: retried
+# without counting against the row.
+_TRANSIENT_API_CODES = frozenset({503})
+_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094})
+
+
+class Kind(enum.Enum):
+    ROW = "row"  # the message itself is at fault: counts as an attempt
+    TRANSIENT = "transient"  # the servers are: retry later, the row untouched
+    NO_STREAM = "no_stream"  # nothing answered: either no stream binds it, or the stream is gone
+
+
+def classify(exc: BaseException) -> tuple[Kind, str]:
+    """Whether a publish error is the row's fault, and a reason fit for an operator."""
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return Kind.NO_STREAM, "no stream answered for the subject"
+    if isinstance(exc, nats.js.errors.APIError):
+        reason = f"JetStream refused the message: {exc.description} (err_code {exc.err_code})"
+        if exc.code in _TRANSIENT_API_CODES or exc.err_code in _TRANSIENT_API_ERR_CODES:
+            return Kind.TRANSIENT, reason
+        return Kind.ROW, reason
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return Kind.ROW, "payload exceeds the server's max_payload"
+    if isinstance(exc, nats.errors.BadSubjectError):
+        return Kind.ROW, "NATS refused the subject"
+    if isinstance(exc, nats.errors.BadHeaderError):
+        return Kind.ROW, f"NATS refused a header name: {exc}"
+    if isinstance(exc, TimeoutError):
+        return Kind.TRANSIENT, "no PubAck before the publish timeout"
+    return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
+
+
+def message_headers(message: OutboxMessage) -> dict[str, str]:
+    headers = dict(message.headers) if message.headers else {}
+    headers[MSG_ID_HEADER] = message.event_id
+    return headers
+
+
+def wire_size(headers: Mapping[str, str], payload_size: int) -> int:
+    """Bytes the server counts against max_payload: the header block plus the payload.
+
+    nats-py checks only the payload, and a server that receives more than max_payload
+    closes the connection; we check the sum so one bad row cannot drop the connection.
+    """
+    header_size = len(_HEADER_LINE) + _CRLF
+    for key, value in headers.items():
+        header_size += len(key.encode()) + 2 + len(value.strip().encode()) + _CRLF
+    return header_size + payload_size
+
+
+@dataclass(slots=True)
+class BatchResult:
+    published: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    # Rows left as they are because of a server-side problem, and the first reason.
+    transient: int = 0
+    transient_reason: str = ""
+
+    def add_transient(self, reason: str) -> None:
+        self.transient += 1
+        if not self.transient_reason:
+            self.transient_reason = reason
+
+
+class Publisher:
+    """Publishes batches to one stream over one NATS connection."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, stream: str, timeout: float) -> None:
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._timeout = timeout
+
+    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
+        """Send every message without waiting, then collect the PubAcks together."""
+        result = BatchResult()
+        pending: list[tuple[OutboxMessage, asyncio.Future[PubAck]]] = []
+        max_payload = self._nc.max_payload
+        for message in messages:
+            headers = message_headers(message)
+            size = wire_size(headers, len(message.payload))
+            if size > max_payload:
+                result.failures.append(
+                    Failure(
+                        message.id,
+                        f"message of {size} bytes (payload and headers) exceeds the "
+                        f"server's max_payload of {max_payload} bytes",
+                    )
+                )
+                continue
+            try:
+                future = await self._js.publish_async(
+                    message.subject, message.payload, stream=self._stream, headers=headers
+                )
+            except Exception as exc:  # noqa: BLE001 - every failure is classified below
+                self._record_error(result, message, exc)
+            else:
+                pending.append((message, future))
+
+        if pending:
+            with anyio.move_on_after(self._timeout):
+                await asyncio.wait([future for _, future in pending])
+        unroutable = []
+        for message, future in pending:
+            if not future.done():
+                future.cancel()
+                result.add_transient("no PubAck before the publish timeout")
+            elif (exc := future.exception()) is not None:
+                if classify(exc)[0] is Kind.NO_STREAM:
+                    unroutable.append(message)
+                else:
+                    self._record_error(result, message, exc)
+            else:
+                ack = future.result()
+                result.published.append(message.id)
+                result.duplicates += bool(ack.duplicate)
+        if unroutable:
+            await self._sort_unroutable(result, unroutable)
+        return result
+
+    async def _sort_unroutable(self, result: BatchResult, messages: list[OutboxMessage]) -> None:
+        # "No responders" means no stream binds the subject: the row's fault, unless our
+        # own stream is missing (deleted, or the server lost it), which is the servers'.
+        try:
+            await self._js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            stream_exists = False
+        except Exception as exc:  # noqa: BLE001 - cannot tell: do not blame the rows
+            for _ in messages:
+                result.add_transient(f"cannot look up stream {self._stream}: {exc}")
+            return
+        else:
+            stream_exists = True
+        for message in messages:
+            if stream_exists:
+                result.failures.append(
+                    Failure(message.id, f"no stream binds subject {message.subject}")
+                )
+            else:
+                result.add_transient(f"stream {self._stream} does not exist")
+
+    @staticmethod
+    def _record_error(result: BatchResult, message: OutboxMessage, exc: BaseException) -> None:
+        kind, reason = classify(exc)
+        if kind is Kind.ROW:
+            result.failures.append(Failure(message.id, reason))
+        else:
+            result.add_transient(reason)

@@ -1,0 +1,99 @@
+"""Named SQL from the ``sql/`` files, rendered with quoted identifiers.
+
+Every configurable name reaches SQL through :class:`psycopg.sql.Identifier` or
+:class:`psycopg.sql.Literal`; no query is built by string concatenation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import LiteralString
+
+from psycopg import sql
+
+from outbox_relay.errors import ConfigError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# An installed wheel carries sql/ inside the package; a source checkout keeps it at
+# the top of the repository.
+SQL_DIR = next(
+    (d for d in (_PACKAGE_DIR / "sql", _PACKAGE_DIR.parent / "sql") if d.is_dir()),
+    _PACKAGE_DIR / "sql",
+)
+_QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Every database object the relay touches, derived from one schema name."""
+
+    schema: str = "noetl"
+
+    def __post_init__(self) -> None:
+        # The longest derived name must still fit, or PostgreSQL would truncate it
+        # silently and two installs could collide.
+        longest = f"{self.schema}.event_outbox_dead_letter"
+        if not self.schema or len(longest.encode()) > _MAX_IDENTIFIER_BYTES:
+            raise ConfigError(
+                f"schema name {self.schema!r} must be 1 to "
+                f"{_MAX_IDENTIFIER_BYTES - len('.event_outbox_dead_letter')} bytes"
+            )
+        if "\x00" in self.schema:
+            raise ConfigError("schema name must not contain a NUL character")
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel, derived so relay and trigger always agree."""
+        return f"{self.schema}.event_outbox"
+
+    @property
+    def migrations_table(self) -> str:
+        """Qualified, quoted name as text, for ``to_regclass``."""
+        return self._qualified("event_outbox_migration").as_string()
+
+    def identifiers(self) -> dict[str, sql.Composable]:
+        q = self._qualified
+        return {
+            "schema": sql.Identifier(self.schema),
+            "event_table": q("event"),
+            "event_table_literal": sql.Literal(q("event").as_string()),
+            "event_default_partition_literal": sql.Literal(q("event_default").as_string()),
+            "outbox_table": q("event_outbox"),
+            "dead_letter_table": q("event_outbox_dead_letter"),
+            "lag_view": q("event_outbox_lag"),
+            "migrations_table": q("event_outbox_migration"),
+            "enqueue_function": q("event_outbox_enqueue"),
+            "notify_function": q("event_outbox_notify"),
+            "channel": sql.Identifier(self.channel),
+            "channel_literal": sql.Literal(self.channel),
+        }
+
+    def _qualified(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+
+def render(text: str, names: Names, **extra: sql.Composable) -> sql.Composed:
+    """Fill a query's identifier placeholders."""
+    return sql.SQL(_trusted(text)).format(**names.identifiers(), **extra)
+
+
+def query(name: str, names: Names, **extra: sql.Composable) -> sql.Composed:
+    """The named query from ``sql/queries.sql``, rendered for ``names``."""
+    return render(_named_queries()[name], names, **extra)
+
+
+@cache
+def _named_queries() -> dict[str, str]:
+    text = (SQL_DIR / "queries.sql").read_text(encoding="utf-8")
+    parts = _QUERY_HEADER.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _trusted(text: str) -> LiteralString:
+    """Mark text read from our own ``sql/`` files as query text (not user input)."""
+    return text  # type: ignore[return-value]

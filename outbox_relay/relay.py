@@ -1,0 +1,312 @@
+"""The relay loop: wake, claim, publish, acknowledge, repeat.
+
+One transaction per batch: the claim's row locks are held while the batch is
+published and are released by the commit that deletes the published rows. A relay
+that dies mid-batch therefore leaves its rows to the others, and a re-publish is
+collapsed by JetStream's duplicate window (the ``Nats-Msg-Id`` is the event id).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+import psycopg
+from psycopg.types.json import set_json_loads
+
+from outbox_relay.config import Settings, describe_database, format_duration
+from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.jetstream import connect_nats, ensure_stream
+from outbox_relay.publish import BatchResult, Publisher
+from outbox_relay.queries import query
+from outbox_relay.schema import ensure_migrated
+from outbox_relay.store import OutboxStore, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+_STATEMENT_TIMEOUT = 30.0
+# How long the listener waits for a notification before it checks its connection.
+_LISTEN_PROBE_INTERVAL = 30.0
+
+
+@dataclass(slots=True)
+class RelayStats:
+    batches: int = 0
+    published: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+
+
+class Wakeup:
+    """A resettable event: set by notifications and reconnects, cleared before a claim.
+
+    Clearing *before* claiming means a notification that lands during the claim is
+    kept for the next round, so no wake-up is lost.
+    """
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+
+
+class Backoff:
+    """Exponential backoff with full jitter, for outages."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._maximum, self._initial * 2**self._attempt)
+        self._attempt += 1
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+
+def default_relay_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def connect_postgres(settings: Settings, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+    """Connect, or raise :class:`ServerUnavailableError` with the reason."""
+    try:
+        with anyio.fail_after(settings.connect_timeout):
+            conn = await psycopg.AsyncConnection.connect(
+                settings.database_url,
+                autocommit=autocommit,
+                connect_timeout=max(1, int(settings.connect_timeout)),
+            )
+    except (psycopg.OperationalError, TimeoutError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+        raise ServerUnavailableError(
+            f"cannot connect to PostgreSQL at {describe_database(settings.database_url)} "
+            f"({reason}): check --database-url / OUTBOX_DATABASE_URL or the PG* variables"
+        ) from exc
+    set_json_loads(orjson.loads, conn)
+    return conn
+
+
+class Relay:
+    """Moves committed outbox rows to JetStream until told to stop."""
+
+    def __init__(self, settings: Settings, *, relay_id: str | None = None) -> None:
+        self.settings = settings
+        self.relay_id = relay_id or default_relay_id()
+        self.stats = RelayStats()
+        self._store = OutboxStore(
+            settings.names,
+            RetryPolicy(settings.max_attempts, settings.retry_backoff, settings.retry_backoff_max),
+        )
+        self._wakeup = Wakeup()
+        self._stopping = False
+        self._started = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop claiming; the batch in flight is finished first. Safe from a signal task."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def wait_started(self) -> None:
+        """Return once the relay is connected, checked and listening."""
+        await self._started.wait()
+
+    async def run(self) -> None:
+        """Check the servers, then relay until :meth:`stop`.
+
+        Start-up problems raise :class:`~outbox_relay.errors.OutboxError`; once running,
+        outages are logged and waited out.
+        """
+        settings = self.settings
+        conn = await self._open_session()
+        try:
+            await ensure_migrated(conn, settings.names)
+            nc = await connect_nats(settings, name=f"outbox-relay {self.relay_id}")
+        except BaseException:
+            await conn.close()
+            raise
+        try:
+            status = await ensure_stream(nc.jetstream(), settings)
+            log.info("%s", status.describe())
+            for warning in status.warnings:
+                log.warning("%s", warning)
+            publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._listen)
+                log.info(
+                    "relay %s started: schema %s, stream %s, batch size %d, poll interval %s",
+                    self.relay_id,
+                    settings.schema,
+                    settings.stream,
+                    settings.batch_size,
+                    format_duration(settings.poll_interval),
+                )
+                self._started.set()
+                conn = await self._relay_loop(conn, publisher)
+                tg.cancel_scope.cancel()
+        finally:
+            await conn.close()
+            await nc.close()
+        stats = self.stats
+        log.info(
+            "relay %s stopped: published %d (%d duplicates), retried %d, dead-lettered %d",
+            self.relay_id,
+            stats.published,
+            stats.duplicates,
+            stats.retried,
+            stats.dead_lettered,
+        )
+
+    async def _open_session(self) -> psycopg.AsyncConnection[Any]:
+        conn = await connect_postgres(self.settings)
+        idle_timeout = self.settings.publish_timeout + _STATEMENT_TIMEOUT
+        await conn.execute(
+            query("configure_session", self.settings.names),
+            {
+                "idle_in_transaction": f"{int(idle_timeout * 1000)}ms",
+                "statement_timeout": f"{int(_STATEMENT_TIMEOUT * 1000)}ms",
+            },
+        )
+        await conn.commit()
+        return conn
+
+    async def _relay_loop(
+        self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
+    ) -> psycopg.AsyncConnection[Any]:
+        settings = self.settings
+        outage = Backoff()
+        # Backstop for a stalled network: the publish has its own timeout, the
+        # statements theirs, but a dead TCP peer answers neither.
+        batch_deadline = settings.publish_timeout + 3 * _STATEMENT_TIMEOUT
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                with anyio.fail_after(batch_deadline):
+                    claimed, result = await self._relay_batch(conn, publisher)
+            except (psycopg.OperationalError, TimeoutError, ServerUnavailableError) as exc:
+                delay = outage.next_delay()
+                log.warning(
+                    "PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay
+                )
+                await conn.close()
+                await anyio.sleep(delay)
+                conn = await self._reopen_session(conn)
+                continue
+            if result.transient:
+                delay = outage.next_delay()
+                log.warning(
+                    "%d of %d messages not acknowledged (%s); retrying in %.1fs",
+                    result.transient,
+                    claimed,
+                    result.transient_reason,
+                    delay,
+                )
+                await self._wakeup.wait(delay)
+                continue
+            outage.reset()
+            if claimed < settings.batch_size:
+                await self._wakeup.wait(settings.poll_interval)
+        return conn
+
+    async def _reopen_session(
+        self, old: psycopg.AsyncConnection[Any]
+    ) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await self._open_session()
+        except ServerUnavailableError:
+            return old  # still closed: the next batch fails fast and backs off again
+
+    async def _relay_batch(
+        self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
+    ) -> tuple[int, BatchResult]:
+        if conn.closed:
+            raise ServerUnavailableError("connection closed")
+        async with conn.transaction():
+            messages = await self._store.claim(conn, self.settings.batch_size)
+            if not messages:
+                return 0, BatchResult()
+            result = await publisher.publish_batch(messages)
+            await self._store.delete(conn, result.published)
+            outcome = await self._store.record_failures(conn, result.failures)
+        stats = self.stats
+        stats.batches += 1
+        stats.published += len(result.published)
+        stats.duplicates += result.duplicates
+        stats.retried += outcome.retried
+        stats.dead_lettered += outcome.dead_lettered
+        for failure in result.failures:
+            log.warning("outbox row %d failed: %s", failure.id, failure.reason)
+        if outcome.dead_lettered:
+            log.error(
+                "%d rows moved to the dead letters after %d attempts",
+                outcome.dead_lettered,
+                self.settings.max_attempts,
+            )
+        log.debug(
+            "batch: claimed %d, published %d (%d duplicates), failed %d, left %d",
+            len(messages),
+            len(result.published),
+            result.duplicates,
+            len(result.failures),
+            result.transient,
+        )
+        return len(messages), result
+
+    async def _listen(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Turn notifications into wake-ups; re-poll after every (re)connect."""
+        backoff = Backoff()
+        started = False
+        while True:
+            try:
+                conn = await connect_postgres(self.settings, autocommit=True)
+            except ServerUnavailableError as exc:
+                if not started:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("listener: %s; retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+                continue
+            try:
+                async with conn:
+                    await conn.execute(query("listen", self.settings.names))
+                    backoff.reset()
+                    # Notifications sent while we were not listening are lost: poll now.
+                    self._wakeup.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    while True:
+                        async for _ in conn.notifies(timeout=_LISTEN_PROBE_INTERVAL):
+                            self._wakeup.set()
+                        # Quiet for a while: make sure the connection is still alive.
+                        with anyio.fail_after(_STATEMENT_TIMEOUT):
+                            await conn.execute("SELECT 1")
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log.warning("listener lost its connection (%s); reconnecting in %.1fs",
+                            _one_line(exc), delay)
+                await anyio.sleep(delay)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,95 @@
+"""Versioned, idempotent migrations from ``sql/migrations`` and the check the relay runs at start."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import psycopg
+
+from outbox_relay.errors import NotMigratedError
+from outbox_relay.queries import SQL_DIR, Names, query, render
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+
+@cache
+def migrations() -> tuple[Migration, ...]:
+    found = []
+    for path in sorted((SQL_DIR / "migrations").iterdir()):
+        match = _MIGRATION_FILE.match(path.name)
+        if match:
+            found.append(
+                Migration(int(match[1]), match[2], path.read_text(encoding="utf-8"))
+            )
+    return tuple(found)
+
+
+def latest_version() -> int:
+    return migrations()[-1].version
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], names: Names) -> list[Migration]:
+    """Apply the missing migrations in one transaction; return those applied.
+
+    Concurrent runs are serialised by an advisory lock, so replicas may all run it.
+    """
+    async with conn.transaction():
+        await conn.execute(
+            query("lock_migrations", names), {"lock_key": f"outbox-relay {names.schema}"}
+        )
+        await conn.execute(query("create_migrations_table", names))
+        cur = await conn.execute(query("applied_migrations", names))
+        applied = {row[0] for row in await cur.fetchall()}
+        pending = [m for m in migrations() if m.version not in applied]
+        for migration in pending:
+            await conn.execute(render(migration.text, names))
+            await conn.execute(
+                query("record_migration", names),
+                {"version": migration.version, "name": migration.name},
+            )
+    return pending
+
+
+async def schema_version(conn: psycopg.AsyncConnection[Any], names: Names) -> int | None:
+    """The applied version, or None when the database was never migrated."""
+    cur = await conn.execute(
+        query("migrations_table_exists", names), {"migrations_table": names.migrations_table}
+    )
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return None
+    cur = await conn.execute(query("schema_version", names))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def ensure_migrated(conn: psycopg.AsyncConnection[Any], names: Names) -> None:
+    """Raise :class:`NotMigratedError` unless the schema is exactly at our version."""
+    version = await schema_version(conn, names)
+    await conn.rollback()
+    expected = latest_version()
+    if version is None or version == 0:
+        raise NotMigratedError(
+            f"the database has no outbox schema {names.schema!r}: "
+            "run `outbox-relay migrate` (with the same database and schema) first"
+        )
+    if version < expected:
+        raise NotMigratedError(
+            f"the outbox schema {names.schema!r} is at version {version}, this relay needs "
+            f"{expected}: run `outbox-relay migrate`"
+        )
+    if version > expected:
+        raise NotMigratedError(
+            f"the outbox schema {names.schema!r} is at version {version}, newer than this "
+            f"relay knows ({expected}): upgrade outbox-relay"
+        )

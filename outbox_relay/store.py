@@ -1,0 +1,100 @@
+"""The relay's side of the outbox table: claim, delete, record failures, measure lag.
+
+All I/O goes through one :class:`psycopg.AsyncConnection` handed in by the caller,
+which owns the transaction: a claim's row locks last until it commits or rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+from outbox_relay.queries import Names, query
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    id: int
+    event_id: str
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A publish that failed because of the row itself (too large, refused, unroutable)."""
+
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    pending: int
+    oldest_age_seconds: float
+    dead_letters: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class FailureOutcome:
+    retried: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 10
+    backoff: float = 1.0
+    backoff_max: float = 300.0
+
+
+class OutboxStore:
+    def __init__(self, names: Names, retry: RetryPolicy) -> None:
+        self._claim = query("claim_batch", names)
+        self._delete = query("delete_published", names)
+        self._record_failures = query("record_failures", names)
+        self._lag = query("lag", names)
+        self._retry = retry
+
+    async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[OutboxMessage]:
+        """Lock up to ``limit`` due rows, oldest first, skipping rows other relays hold."""
+        # Binary results: bytea arrives as the stored bytes, with no hex decoding.
+        async with conn.cursor(binary=True) as cur:
+            await cur.execute(self._claim, {"limit": limit})
+            return [OutboxMessage(*row) for row in await cur.fetchall()]
+
+    async def delete(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> None:
+        if ids:
+            await conn.execute(self._delete, {"ids": list(ids)})
+
+    async def record_failures(
+        self, conn: psycopg.AsyncConnection[Any], failures: Sequence[Failure]
+    ) -> FailureOutcome:
+        if not failures:
+            return FailureOutcome(0, 0)
+        cur = await conn.execute(
+            self._record_failures,
+            {
+                "ids": [f.id for f in failures],
+                "errors": [f.reason for f in failures],
+                "max_attempts": self._retry.max_attempts,
+                "backoff": self._retry.backoff,
+                "backoff_max": self._retry.backoff_max,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return FailureOutcome(retried=int(row[0]), dead_lettered=int(row[1]))
+
+    async def lag(self, conn: psycopg.AsyncConnection[Any]) -> Lag:
+        cur = await conn.execute(self._lag)
+        row = await cur.fetchone()
+        assert row is not None
+        return Lag(pending=int(row[0]), oldest_age_seconds=float(row[1]), dead_letters=int(row[2]))

@@ -1,0 +1,37 @@
+"""NATS subject rules, shared by the producer API and the relay's configuration."""
+
+from __future__ import annotations
+
+import re
+
+from outbox_relay.errors import InvalidSubjectError
+
+# Mirrors the CHECK constraint on the outbox table (sql/migrations/0001_initial.sql).
+_TOKEN = r"[^\s\x00-\x1f\x7f.*>]+"
+_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
+
+
+def validate_subject(subject: str) -> str:
+    """Return ``subject`` if a JetStream publish may use it, else raise with the reason."""
+    if not _SUBJECT.fullmatch(subject):
+        raise InvalidSubjectError(f"invalid subject {subject!r}: {_subject_problem(subject)}")
+    return subject
+
+
+def event_subject(prefix: str, event_type: str) -> str:
+    """``<prefix>.<event_type>``, e.g. ``noetl.events.command.issued``."""
+    if not event_type:
+        raise InvalidSubjectError("invalid event_type '': it must not be empty")
+    return validate_subject(f"{prefix}.{event_type}")
+
+
+def _subject_problem(subject: str) -> str:
+    if not subject:
+        return "it is empty"
+    if any(ch.isspace() for ch in subject):
+        return "it contains white space"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in subject):
+        return "it contains a control character"
+    if "*" in subject or ">" in subject:
+        return "'*' and '>' are wildcards and cannot be published to"
+    return "tokens between dots must not be empty"

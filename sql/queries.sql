@@ -1,0 +1,100 @@
+-- Named queries. Each starts with a line "-- name: <query_name>"; the text up to the
+-- next such line is the query. Braces hold identifiers filled in with psycopg.sql.
+
+-- name: create_migrations_table
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {migrations_table} (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: lock_migrations
+-- Serialises concurrent `migrate` runs; released at commit.
+SELECT pg_advisory_xact_lock(hashtextextended(%(lock_key)s, 0));
+
+-- name: applied_migrations
+SELECT version FROM {migrations_table} ORDER BY version;
+
+-- name: record_migration
+INSERT INTO {migrations_table} (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: migrations_table_exists
+SELECT to_regclass(%(migrations_table)s) IS NOT NULL;
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM {migrations_table};
+
+-- name: claim_batch
+-- Row locks are the claim: they last until the batch's transaction ends, so a relay
+-- that dies (or whose session is killed) releases its rows to the others at once.
+SELECT id, event_id, subject, payload, headers
+FROM {outbox_table}
+WHERE next_attempt_at <= now()
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: delete_published
+DELETE FROM {outbox_table} WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: record_failures
+-- Row-specific publish failures: back off with jitter, or move to the dead letters
+-- once max_attempts is reached. Returns how many rows went each way.
+WITH failed AS (
+    SELECT f.id, f.error
+    FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+), buried AS (
+    DELETE FROM {outbox_table} AS o
+    USING failed AS f
+    WHERE o.id = f.id AND o.attempts + 1 >= %(max_attempts)s
+    RETURNING o.id, o.event_id, o.subject, o.payload, o.headers, o.created_at,
+              o.attempts + 1 AS attempts, f.error
+), dead AS (
+    INSERT INTO {dead_letter_table}
+        (id, event_id, subject, payload, headers, created_at, attempts, reason)
+    SELECT * FROM buried
+    RETURNING id
+), retried AS (
+    UPDATE {outbox_table} AS o
+    SET attempts = o.attempts + 1,
+        last_error = f.error,
+        next_attempt_at = now() + make_interval(secs =>
+            least(%(backoff_max)s, %(backoff)s * power(2, o.attempts))
+            * (0.5 + random() / 2))
+    FROM failed AS f
+    WHERE o.id = f.id AND o.attempts + 1 < %(max_attempts)s
+    RETURNING o.id
+)
+SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM dead) AS dead_lettered;
+
+-- name: lag
+SELECT pending, oldest_age_seconds, dead_letters FROM {lag_view};
+
+-- name: enqueue
+SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %(max_payload)s);
+
+-- name: emit_event
+-- The event row and its outbox row in one statement; the payload is the row exactly
+-- as to_jsonb() renders it, defaults included.
+WITH event AS (
+    INSERT INTO {event_table} ({columns}) VALUES ({values})
+    RETURNING *
+)
+SELECT event.event_id,
+       {enqueue_function}(
+           %(subject)s,
+           convert_to(to_jsonb(event)::text, 'UTF8'),
+           event.event_id::text,
+           %(headers)s,
+           %(max_payload)s)
+FROM event;
+
+-- name: configure_session
+-- A frozen relay must not hold its claimed rows' locks for ever: PostgreSQL ends a
+-- session that sits idle inside a transaction, and the rows go back to the others.
+SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s, false),
+       set_config('statement_timeout', %(statement_timeout)s, false);
+
+-- name: listen
+LISTEN {channel};
