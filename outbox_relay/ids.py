@@ -1,12 +1,18 @@
 """Snowflake event ids in NoETL's layout.
 
-``((ms since 2024-01-01T00:00:00Z) << 23) | (shard_id << 18) | sequence``: 41 bits of
-time, 5 bits of shard, 18 bits of sequence per millisecond. Ids grow with wall-clock
-time, so NoETL's id-range partitions line up with time windows.
+NoETL: ``((ms since 2024-01-01T00:00:00Z) << 23) | (shard_id << 18) | sequence``:
+41 bits of time, then 23 bits that make ids minted in the same millisecond unique.
+Ids grow with wall-clock time, so NoETL's id-range partitions line up with time.
 
-Two processes with the same shard id can mint the same id in the same millisecond, so
-concurrent producer processes must each have their own shard id (``OUTBOX_SHARD_ID``),
-as NoETL's servers do.
+Two generators with the same shard id mint the same ids in the same millisecond,
+and JetStream would then drop the second event as a duplicate of the first. So:
+
+* with ``OUTBOX_SHARD_ID`` set (0-31, one per producer process, as NoETL assigns
+  its servers), ids use exactly NoETL's split;
+* otherwise each process leases an instance number (0-2047) from a database
+  sequence on first use and ids split the low 23 bits as 11 instance bits and a
+  12-bit sequence (4096 ids per millisecond per process). Time bits are unchanged,
+  so the ids still sort and partition by time like NoETL's.
 """
 
 from __future__ import annotations
@@ -18,19 +24,25 @@ import time
 from outbox_relay.errors import ConfigError
 
 EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+LOW_BITS = 23
 SHARD_BITS = 5
-SEQUENCE_BITS = 18
 MAX_SHARD_ID = (1 << SHARD_BITS) - 1
-_SEQUENCE_MASK = (1 << SEQUENCE_BITS) - 1
+LEASED_INSTANCE_BITS = 11
+LEASED_INSTANCES = 1 << LEASED_INSTANCE_BITS
 
 
 class SnowflakeGenerator:
-    """Thread-safe, monotonic id source for one shard."""
+    """Thread-safe, increasing ids for one instance (a shard, or a leased number)."""
 
-    def __init__(self, shard_id: int = 0) -> None:
-        if not 0 <= shard_id <= MAX_SHARD_ID:
-            raise ConfigError(f"shard id must be between 0 and {MAX_SHARD_ID}, got {shard_id}")
-        self._shard_bits = shard_id << SEQUENCE_BITS
+    def __init__(self, instance_id: int = 0, *, instance_bits: int = SHARD_BITS) -> None:
+        if not 0 <= instance_id < (1 << instance_bits):
+            raise ConfigError(
+                f"shard id must be between 0 and {(1 << instance_bits) - 1}, got {instance_id}"
+            )
+        self.instance_id = instance_id
+        self._sequence_bits = LOW_BITS - instance_bits
+        self._sequence_mask = (1 << self._sequence_bits) - 1
+        self._instance_bits = instance_id << self._sequence_bits
         self._lock = threading.Lock()
         self._last_ms = -1
         self._sequence = 0
@@ -43,40 +55,41 @@ class SnowflakeGenerator:
                 # ids stay unique and increasing.
                 now_ms = self._last_ms
             if now_ms == self._last_ms:
-                self._sequence = (self._sequence + 1) & _SEQUENCE_MASK
+                self._sequence = (self._sequence + 1) & self._sequence_mask
                 if self._sequence == 0:
-                    now_ms = self._wait_next_ms(self._last_ms)
+                    now_ms = _wait_past(self._last_ms)
             else:
                 self._sequence = 0
             self._last_ms = now_ms
-            return ((now_ms - EPOCH_MS) << (SHARD_BITS + SEQUENCE_BITS)) | self._shard_bits | (
-                self._sequence
-            )
-
-    @staticmethod
-    def _wait_next_ms(last_ms: int) -> int:
-        now_ms = _now_ms()
-        while now_ms <= last_ms:
-            time.sleep(0.0001)
-            now_ms = _now_ms()
-        return now_ms
+            return ((now_ms - EPOCH_MS) << LOW_BITS) | self._instance_bits | self._sequence
 
 
-def split_id(snowflake: int) -> tuple[int, int, int]:
-    """``(unix_ms, shard_id, sequence)`` of an id."""
+def split_id(snowflake: int, *, instance_bits: int = SHARD_BITS) -> tuple[int, int, int]:
+    """``(unix_ms, instance, sequence)`` of an id."""
+    sequence_bits = LOW_BITS - instance_bits
     return (
-        (snowflake >> (SHARD_BITS + SEQUENCE_BITS)) + EPOCH_MS,
-        (snowflake >> SEQUENCE_BITS) & MAX_SHARD_ID,
-        snowflake & _SEQUENCE_MASK,
+        (snowflake >> LOW_BITS) + EPOCH_MS,
+        (snowflake >> sequence_bits) & ((1 << instance_bits) - 1),
+        snowflake & ((1 << sequence_bits) - 1),
     )
 
 
-def shard_id_from_env() -> int:
-    raw = os.environ.get("OUTBOX_SHARD_ID", "0")
+def shard_id_from_env() -> int | None:
+    raw = os.environ.get("OUTBOX_SHARD_ID", "").strip()
+    if not raw:
+        return None
     try:
         return int(raw)
     except ValueError:
         raise ConfigError(f"OUTBOX_SHARD_ID must be an integer, got {raw!r}") from None
+
+
+def _wait_past(last_ms: int) -> int:
+    now_ms = _now_ms()
+    while now_ms <= last_ms:
+        time.sleep(0.0001)
+        now_ms = _now_ms()
+    return now_ms
 
 
 def _now_ms() -> int:

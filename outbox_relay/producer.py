@@ -29,7 +29,12 @@ from outbox_relay.errors import (
     InvalidSubjectError,
     PayloadTooLargeError,
 )
-from outbox_relay.ids import SnowflakeGenerator, shard_id_from_env
+from outbox_relay.ids import (
+    LEASED_INSTANCE_BITS,
+    LEASED_INSTANCES,
+    SnowflakeGenerator,
+    shard_id_from_env,
+)
 from outbox_relay.queries import Names, query
 from outbox_relay.subjects import event_subject, validate_subject
 
@@ -48,7 +53,8 @@ class Producer:
     schema: str = DEFAULT_SCHEMA
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
     max_payload: int = DEFAULT_MAX_PAYLOAD
-    ids: SnowflakeGenerator = field(default_factory=SnowflakeGenerator)
+    # None: lease an instance number from the database on first use (see ids.py).
+    ids: SnowflakeGenerator | None = None
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,11 +72,12 @@ class Producer:
             max_payload = int(raw_max)
         except ValueError:
             raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
+        shard_id = shard_id_from_env()
         return cls(
             schema=os.environ.get("OUTBOX_SCHEMA", DEFAULT_SCHEMA),
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
             max_payload=max_payload,
-            ids=SnowflakeGenerator(shard_id_from_env()),
+            ids=None if shard_id is None else SnowflakeGenerator(shard_id),
         )
 
     # -- NoETL events -------------------------------------------------------------
@@ -91,6 +98,9 @@ class Producer:
         ``to_jsonb`` renders it, the ``Nats-Msg-Id`` the event id. Other columns of
         the event table are passed by name; dicts and lists are stored as jsonb.
         """
+        if event_id is None:
+            ids = self._ids() or self._adopt(conn.execute(*self._lease_statement()).fetchone())
+            event_id = ids.next_id()
         statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
         with _translated_errors():
             row = conn.execute(*statement).fetchone()
@@ -107,6 +117,12 @@ class Producer:
         **columns: Any,
     ) -> int:
         """:meth:`emit_event` for an :class:`psycopg.AsyncConnection`."""
+        if event_id is None:
+            ids = self._ids()
+            if ids is None:
+                cur = await conn.execute(*self._lease_statement())
+                ids = self._adopt(await cur.fetchone())
+            event_id = ids.next_id()
         statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
         with _translated_errors():
             cur = await conn.execute(*statement)
@@ -146,20 +162,34 @@ class Producer:
             row = await cur.fetchone()
         return _first(row)
 
+    # -- event ids ----------------------------------------------------------------------
+
+    def _ids(self) -> SnowflakeGenerator | None:
+        """The configured generator, or the one this process leased for the schema."""
+        return self.ids or _leased.get(self.schema)
+
+    def _lease_statement(self) -> _Statement:
+        params = {"sequence": self.names.instance_sequence, "instances": LEASED_INSTANCES}
+        return query("lease_instance", self.names), params
+
+    def _adopt(self, row: tuple[Any, ...] | None) -> SnowflakeGenerator:
+        leased = SnowflakeGenerator(_first(row), instance_bits=LEASED_INSTANCE_BITS)
+        return _leased.setdefault(self.schema, leased)
+
     # -- statements (pure) -------------------------------------------------------------
 
     def _emit_statement(
         self,
         event_type: str,
         execution_id: int,
-        event_id: int | None,
+        event_id: int,
         headers: Headers | None,
         columns: Mapping[str, Any],
     ) -> _Statement:
         row = {
             **columns,
             "execution_id": execution_id,
-            "event_id": self.ids.next_id() if event_id is None else event_id,
+            "event_id": event_id,
             "event_type": event_type,
         }
         params = {f"col_{name}": _adapt(value) for name, value in row.items()}
@@ -238,6 +268,11 @@ def _translated_errors() -> Iterator[None]:
             raise InvalidSubjectError(f"invalid subject: {exc.diag.message_primary}") from exc
         raise
 
+
+# Generators leased per schema by this process. A forked child must lease its own:
+# sharing the parent's instance number would mint the parent's ids.
+_leased: dict[str, SnowflakeGenerator] = {}
+os.register_at_fork(after_in_child=_leased.clear)
 
 _default: Producer | None = None
 

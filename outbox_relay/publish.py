@@ -12,15 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import orjson
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.aio.msg import Msg
 
 from outbox_relay.store import Failure, OutboxMessage
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+STATUS_HEADER = "Status"
+NO_RESPONDERS_STATUS = "503"
 _HEADER_LINE = b"NATS/1.0\r\n"
 _CRLF = 2
 # JetStream API errors that are about the server's state, not the message: retried
@@ -55,9 +59,12 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
     return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
 
 
-def message_headers(message: OutboxMessage) -> dict[str, str]:
+def message_headers(message: OutboxMessage, stream: str) -> dict[str, str]:
     headers = dict(message.headers) if message.headers else {}
     headers[MSG_ID_HEADER] = message.event_id
+    # The server refuses the message unless this stream stores it, so a subject
+    # captured by another stream is a row failure, never a silent detour.
+    headers[EXPECTED_STREAM_HEADER] = stream
     return headers
 
 
@@ -88,6 +95,74 @@ class BatchResult:
             self.transient_reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+def parse_ack(data: bytes, status: str | None) -> Ack | Exception:
+    """A PubAck reply as an :class:`Ack`, or the error it carries (never raised)."""
+    if status == NO_RESPONDERS_STATUS:
+        return nats.js.errors.NoStreamResponseError()
+    try:
+        reply = orjson.loads(data)
+        if "error" in reply:
+            error = reply["error"]
+            return nats.js.errors.APIError(
+                code=error.get("code"),
+                err_code=error.get("err_code"),
+                description=error.get("description"),
+            )
+        return Ack(reply["stream"], int(reply["seq"]), bool(reply.get("duplicate", False)))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return nats.js.errors.APIError(description=f"unreadable PubAck: {exc}")
+
+
+class AckInbox:
+    """Collects PubAcks on one wildcard inbox, one future per message in flight.
+
+    Stands in for nats-py's ``publish_async``, whose future never resolves when
+    JetStream answers with an error (nats-io/nats.py#985): a row the stream refuses
+    would look like an outage for ever instead of being retried and dead-lettered.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._next_token = 0
+        self._pending: dict[str, asyncio.Future[Ack]] = {}
+
+    async def start(self) -> None:
+        self._prefix = f"{self._nc.new_inbox()}."
+        await self._nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+
+    def expect(self) -> tuple[str, asyncio.Future[Ack]]:
+        """A reply subject and the future its PubAck will resolve."""
+        self._next_token += 1
+        token = str(self._next_token)
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        return self._prefix + token, future
+
+    def forget(self, reply_subject: str) -> None:
+        """Stop waiting for a reply (timed out, or never sent)."""
+        future = self._pending.pop(reply_subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.cancel()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if future is None or future.done():
+            return
+        outcome = parse_ack(msg.data, msg.headers.get(STATUS_HEADER) if msg.headers else None)
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 class Publisher:
     """Publishes batches to one stream over one NATS connection."""
 
@@ -96,14 +171,18 @@ class Publisher:
         self._js = js
         self._stream = stream
         self._timeout = timeout
+        self._acks = AckInbox(nc)
+
+    async def start(self) -> None:
+        await self._acks.start()
 
     async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
         """Send every message without waiting, then collect the PubAcks together."""
         result = BatchResult()
-        pending: list[tuple[OutboxMessage, asyncio.Future[PubAck]]] = []
+        pending: list[tuple[OutboxMessage, str, asyncio.Future[Ack]]] = []
         max_payload = self._nc.max_payload
         for message in messages:
-            headers = message_headers(message)
+            headers = message_headers(message, self._stream)
             size = wire_size(headers, len(message.payload))
             if size > max_payload:
                 result.failures.append(
@@ -114,22 +193,24 @@ class Publisher:
                     )
                 )
                 continue
+            reply, future = self._acks.expect()
             try:
-                future = await self._js.publish_async(
-                    message.subject, message.payload, stream=self._stream, headers=headers
+                await self._nc.publish(
+                    message.subject, message.payload, reply=reply, headers=headers
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is classified below
+                self._acks.forget(reply)
                 self._record_error(result, message, exc)
             else:
-                pending.append((message, future))
+                pending.append((message, reply, future))
 
         if pending:
             with anyio.move_on_after(self._timeout):
-                await asyncio.wait([future for _, future in pending])
+                await asyncio.wait([future for _, _, future in pending])
         unroutable = []
-        for message, future in pending:
+        for message, reply, future in pending:
             if not future.done():
-                future.cancel()
+                self._acks.forget(reply)
                 result.add_transient("no PubAck before the publish timeout")
             elif (exc := future.exception()) is not None:
                 if classify(exc)[0] is Kind.NO_STREAM:
@@ -137,13 +218,11 @@ class Publisher:
                 else:
                     self._record_error(result, message, exc)
             else:
-                ack = future.result()
                 result.published.append(message.id)
-                result.duplicates += bool(ack.duplicate)
+                result.duplicates += future.result().duplicate
         if unroutable:
             await self._sort_unroutable(result, unroutable)
         return result
-
     async def _sort_unroutable(self, result: BatchResult, messages: list[OutboxMessage]) -> None:
         # "No responders" means no stream binds the subject: the row's fault, unless our
         # own stream is missing (deleted, or the server lost it), which is the servers'.

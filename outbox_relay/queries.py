@@ -55,6 +55,11 @@ class Names:
         """Qualified, quoted name as text, for ``to_regclass``."""
         return self._qualified("event_outbox_migration").as_string()
 
+    @property
+    def instance_sequence(self) -> str:
+        """Qualified, quoted name as text, for ``nextval``."""
+        return self._qualified("event_outbox_instance").as_string()
+
     def identifiers(self) -> dict[str, sql.Composable]:
         q = self._qualified
         return {
@@ -68,6 +73,7 @@ class Names:
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),
+            "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "channel_literal": sql.Literal(self.channel),
         }

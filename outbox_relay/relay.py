@@ -150,6 +150,7 @@ class Relay:
             for warning in status.warnings:
                 log.warning("%s", warning)
             publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
+            await publisher.start()
             async with anyio.create_task_group() as tg:
                 await tg.start(self._listen)
                 log.info(
@@ -164,8 +165,10 @@ class Relay:
                 conn = await self._relay_loop(conn, publisher)
                 tg.cancel_scope.cancel()
         finally:
-            await conn.close()
-            await nc.close()
+            # Shielded: a cancelled relay still closes its connections cleanly.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await conn.close()
+                await nc.close()
         stats = self.stats
         log.info(
             "relay %s stopped: published %d (%d duplicates), retried %d, dead-lettered %d",

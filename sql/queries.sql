@@ -71,6 +71,9 @@ SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM dead) AS
 -- name: lag
 SELECT pending, oldest_age_seconds, dead_letters FROM {lag_view};
 
+-- name: lease_instance
+SELECT nextval(%(sequence)s::regclass) %% %(instances)s;
+
 -- name: enqueue
 SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %(max_payload)s);
 

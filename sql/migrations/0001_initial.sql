@@ -63,6 +63,10 @@ CREATE TABLE {outbox_table} (
     last_error      text
 );
 
+-- Producers without a configured shard id lease an id-generator instance number
+-- from here once per process (see outbox_relay/ids.py).
+CREATE SEQUENCE {instance_sequence} AS bigint;
+
 -- Rows that failed max_attempts times, kept with the reason for an operator.
 CREATE TABLE {dead_letter_table} (
     id               bigint PRIMARY KEY,

@@ -1,0 +1,72 @@
+"""Shared test tools: run a relay in the test's event loop, read the stream, wait."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from outbox_relay.config import Settings
+from outbox_relay.jetstream import read_stream
+from outbox_relay.publish import MSG_ID_HEADER
+from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.store import Lag, OutboxStore, RetryPolicy
+
+
+@asynccontextmanager
+async def running_relay(settings: Settings, relay_id: str = "test") -> AsyncIterator[Relay]:
+    relay = Relay(settings, relay_id=relay_id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        with anyio.fail_after(15):
+            await relay.wait_started()
+        yield relay
+        relay.stop()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await anyio.sleep(interval)
+
+
+async def stream_messages(nc: NATS, settings: Settings) -> list[Msg]:
+    return await read_stream(nc.jetstream(), settings.stream, subject=settings.subject_wildcard)
+
+
+async def stream_count(nc: NATS, settings: Settings) -> int:
+    return int((await nc.jetstream().stream_info(settings.stream)).state.messages)
+
+
+def msg_ids(messages: list[Msg]) -> list[str]:
+    return [m.headers[MSG_ID_HEADER] for m in messages if m.headers]
+
+
+def assert_exactly_once(messages: list[Msg], expected_ids: set[str]) -> None:
+    counts = Counter(msg_ids(messages))
+    doubled = {i: n for i, n in counts.items() if n > 1}
+    assert not doubled, f"stored more than once: {doubled}"
+    assert set(counts) == expected_ids, (
+        f"missing {len(expected_ids - set(counts))}, unexpected {len(set(counts) - expected_ids)}"
+    )
+
+
+async def lag(settings: Settings) -> Lag:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        return await OutboxStore(settings.names, RetryPolicy()).lag(conn)
+
+
+async def fetch_all(settings: Settings, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()

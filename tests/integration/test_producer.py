@@ -1,0 +1,147 @@
+import time
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox_relay.config import Settings
+from outbox_relay.errors import InvalidHeadersError, InvalidSubjectError, PayloadTooLargeError
+from outbox_relay.ids import SnowflakeGenerator, split_id
+from outbox_relay.producer import Producer
+from outbox_relay.relay import connect_postgres
+from tests.helpers import fetch_all
+
+
+def producer_for(settings: Settings, **kwargs: Any) -> Producer:
+    return Producer(schema=settings.schema, subject_prefix=settings.subject_prefix, **kwargs)
+
+
+def outbox_rows(settings: Settings) -> sql.Composed:
+    return sql.SQL(
+        "SELECT event_id, subject, payload, headers, attempts FROM {}.event_outbox ORDER BY id"
+    ).format(sql.Identifier(settings.schema))
+
+
+async def test_emit_event_writes_the_event_and_its_outbox_row(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    producer = producer_for(outbox)
+    with db.transaction():
+        event_id = producer.emit_event(
+            db,
+            event_type="command.issued",
+            execution_id=42,
+            node_name="fetch",
+            context={"url": "https://example.test", "n": [1, 2]},
+            duration=1.5,
+        )
+    unix_ms, _, _ = split_id(event_id)  # time in the top bits, as in NoETL's layout
+    assert abs(unix_ms / 1000 - time.time()) < 60
+    (row,) = await fetch_all(outbox, outbox_rows(outbox))
+    msg_id, subject, payload, headers, attempts = row
+    assert (msg_id, subject, headers, attempts) == (
+        str(event_id), f"{outbox.subject_prefix}.command.issued", None, 0,
+    )
+    # The payload is byte for byte what to_jsonb(noetl.event row) gives.
+    (expected,) = await fetch_all(
+        outbox,
+        sql.SQL("SELECT convert_to(to_jsonb(e)::text, 'UTF8') FROM {}.event e").format(
+            sql.Identifier(outbox.schema)
+        ),
+    )
+    assert payload == expected[0]
+    event = orjson.loads(payload)
+    assert event["event_id"] == event_id
+    assert event["execution_id"] == 42
+    assert event["context"] == {"url": "https://example.test", "n": [1, 2]}
+    assert event["created_at"]  # the column default, rendered by PostgreSQL
+
+
+async def test_rollback_leaves_nothing_behind(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    producer = producer_for(outbox)
+    with pytest.raises(RuntimeError), db.transaction():
+        producer.emit_event(db, event_type="step.exit", execution_id=1)
+        producer.enqueue(db, subject="other.subject", payload=b"x", msg_id="m-1")
+        raise RuntimeError("the application fails after writing")
+    assert await fetch_all(outbox, outbox_rows(outbox)) == []
+
+
+async def test_async_twins_write_the_same_rows(outbox: Settings) -> None:
+    producer = producer_for(outbox)
+    async with await connect_postgres(outbox) as conn:
+        event_id = await producer.emit_event_async(conn, event_type="a.b", execution_id=7)
+        queue_id = await producer.enqueue_async(
+            conn, subject="custom.subject", payload=b"\x00\xffraw", msg_id="custom-1",
+            headers={"traceparent": "00-abc-def-01"},
+        )
+        await conn.commit()
+    rows = await fetch_all(outbox, outbox_rows(outbox))
+    assert [r[:4] for r in rows] == [
+        (str(event_id), f"{outbox.subject_prefix}.a.b", rows[0][2], None),
+        ("custom-1", "custom.subject", b"\x00\xffraw", {"traceparent": "00-abc-def-01"}),
+    ]
+    assert queue_id > 0
+
+
+async def test_invalid_subject_is_refused_before_the_database(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    producer = producer_for(outbox)
+    with pytest.raises(InvalidSubjectError, match="wildcards"):
+        producer.enqueue(db, subject="orders.*", payload=b"x", msg_id="1")
+    with pytest.raises(InvalidSubjectError, match="white space"):
+        producer.emit_event(db, event_type="bad type", execution_id=1)
+    # Nothing was sent, so the transaction is still usable.
+    assert db.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_oversize_payloads_are_refused_before_commit(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    producer = producer_for(outbox, max_payload=1000)
+    with pytest.raises(PayloadTooLargeError, match="1001 bytes exceeds the maximum of 1000"):
+        producer.enqueue(db, subject="a.b", payload=b"x" * 1001, msg_id="1")
+    # An event's payload is rendered in the database; the database refuses it there.
+    with pytest.raises(PayloadTooLargeError, match="exceeds the maximum of 1000 bytes"):
+        producer.emit_event(db, event_type="big", execution_id=1, context={"blob": "y" * 2000})
+    db.rollback()
+    assert await fetch_all(outbox, outbox_rows(outbox)) == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"Nats-Msg-Id": "x"}, "set by the relay"),
+        ({"bad name": "x"}, "invalid header name"),
+        ({"ok": "two\r\nlines"}, "one-line"),
+    ],
+)
+async def test_bad_headers_are_refused(
+    db: psycopg.Connection[Any], outbox: Settings, headers: dict[str, str], message: str
+) -> None:
+    with pytest.raises(InvalidHeadersError, match=message):
+        producer_for(outbox).enqueue(
+            db, subject="a.b", payload=b"x", msg_id="1", headers=headers
+        )
+
+
+async def test_unknown_event_columns_fail_loudly(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    with pytest.raises(psycopg.errors.UndefinedColumn, match="no_such_column"):
+        producer_for(outbox).emit_event(db, event_type="a", execution_id=1, no_such_column=1)
+
+
+async def test_producers_lease_one_id_instance_per_process_and_schema(
+    db: psycopg.Connection[Any], outbox: Settings
+) -> None:
+    first, second = producer_for(outbox), producer_for(outbox)
+    ids = [p.emit_event(db, event_type="a", execution_id=1) for p in (first, second) * 50]
+    assert len(set(ids)) == 100
+    assert first._ids() is second._ids()  # one leased generator, shared
+    configured = producer_for(outbox, ids=SnowflakeGenerator(3))
+    assert split_id(configured.emit_event(db, event_type="a", execution_id=1))[1] == 3

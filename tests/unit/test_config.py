@@ -1,0 +1,77 @@
+import pytest
+
+from outbox_relay.config import (
+    Settings,
+    describe_database,
+    format_duration,
+    parse_duration,
+    redact_url,
+)
+from outbox_relay.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("120", 120.0), ("120s", 120.0), ("2m", 120.0), ("24h", 86400.0), ("500ms", 0.5),
+     ("1.5s", 1.5), ("1d", 86400.0)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-1s", "5 parsecs", "1e3"])
+def test_parse_duration_rejects_nonsense(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_format_duration_round_trips() -> None:
+    for text in ("2m", "1d", "90s", "0.5s"):
+        assert format_duration(parse_duration(text)) == text
+
+
+def test_defaults_follow_the_noetl_tailer_contract() -> None:
+    s = Settings()
+    assert (s.stream, s.subject_prefix, s.subject_wildcard) == (
+        "noetl_events", "noetl.events", "noetl.events.>",
+    )
+    assert (s.duplicate_window, s.max_age) == (120.0, 86400.0)
+    assert s.names.channel == "noetl.event_outbox"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 10_001}, "batch size"),
+        ({"max_attempts": 0}, "max attempts"),
+        ({"poll_interval": 0}, "poll interval"),
+        ({"stream": "has.dot"}, "invalid stream name"),
+        ({"stream": "has space"}, "invalid stream name"),
+        ({"subject_prefix": "noetl.*"}, "subject prefix"),
+        ({"subject_prefix": ""}, "subject prefix"),
+        ({"nats_urls": ()}, "NATS URL list is empty"),
+        ({"nats_urls": ("http://x:4222",)}, "invalid NATS URL"),
+        ({"duplicate_window": 7200, "max_age": 3600}, "duplicate window must not exceed"),
+        ({"retry_backoff": 10, "retry_backoff_max": 1}, "retry backoff max"),
+        ({"schema": ""}, "schema name"),
+        ({"schema": "x" * 60}, "schema name"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_redact_url_hides_passwords_and_tokens() -> None:
+    assert redact_url("nats://user:s3cret@host:4222") == "nats://user:***@host:4222"
+    assert redact_url("nats://t0ken@host:4222") == "nats://***@host:4222"
+    assert redact_url("nats://host:4222") == "nats://host:4222"
+
+
+def test_describe_database_never_shows_the_password() -> None:
+    shown = describe_database("postgresql://app:s3cret@db.example:6543/events")
+    assert shown == "app@db.example:6543/events"
+    shown = describe_database("host=db user=app password=s3cret dbname=events")
+    assert "s3cret" not in shown
+    assert shown == "app@db/events"
