@@ -31,17 +31,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
-class _Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            return parse_duration(value)
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-DURATION = _Duration()
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def _option(*decls: str, envvar: str, **kwargs: Any) -> Callable[[F], F]:
@@ -52,41 +46,103 @@ def _option(*decls: str, envvar: str, **kwargs: Any) -> Callable[[F], F]:
 # One declaration per setting: the flag, its environment variable, default and help.
 DATABASE_OPTIONS = [
     _option(
-        "--database-url", envvar="OUTBOX_DATABASE_URL", default="",
+        "--database-url",
+        envvar="OUTBOX_DATABASE_URL",
+        default="",
         help="libpq URL or key=value string; empty uses the PG* variables.",
         show_default=False,
     ),
-    _option("--schema", envvar="OUTBOX_SCHEMA", default=config.DEFAULT_SCHEMA,
-            help="Schema of the event, outbox and dead-letter tables."),
+    _option(
+        "--schema",
+        envvar="OUTBOX_SCHEMA",
+        default=config.DEFAULT_SCHEMA,
+        help="Schema of the event, outbox and dead-letter tables.",
+    ),
 ]
 NATS_OPTIONS = [
-    _option("--nats-url", envvar="OUTBOX_NATS_URL", default=config.DEFAULT_NATS_URL,
-            help="NATS server URLs, comma-separated."),
-    _option("--stream", envvar="OUTBOX_STREAM", default=config.DEFAULT_STREAM,
-            help="JetStream stream to publish to (created if absent)."),
-    _option("--subject-prefix", envvar="OUTBOX_SUBJECT_PREFIX",
-            default=config.DEFAULT_SUBJECT_PREFIX,
-            help="Event subjects are <prefix>.<event_type>; the stream binds <prefix>.>."),
-    _option("--duplicate-window", envvar="OUTBOX_DUPLICATE_WINDOW", type=DURATION,
-            default="120s", help="Duplicate window of a stream we create."),
-    _option("--max-age", envvar="OUTBOX_MAX_AGE", type=DURATION, default="24h",
-            help="Max age of a stream we create (0: unlimited)."),
-    _option("--connect-timeout", envvar="OUTBOX_CONNECT_TIMEOUT", type=DURATION,
-            default="10s", help="How long start-up waits for each server."),
+    _option(
+        "--nats-url",
+        envvar="OUTBOX_NATS_URL",
+        default=config.DEFAULT_NATS_URL,
+        help="NATS server URLs, comma-separated.",
+    ),
+    _option(
+        "--stream",
+        envvar="OUTBOX_STREAM",
+        default=config.DEFAULT_STREAM,
+        help="JetStream stream to publish to (created if absent).",
+    ),
+    _option(
+        "--subject-prefix",
+        envvar="OUTBOX_SUBJECT_PREFIX",
+        default=config.DEFAULT_SUBJECT_PREFIX,
+        help="Event subjects are <prefix>.<event_type>; the stream binds <prefix>.>.",
+    ),
+    _option(
+        "--duplicate-window",
+        envvar="OUTBOX_DUPLICATE_WINDOW",
+        callback=_duration,
+        default="120s",
+        help="Duplicate window of a stream we create.",
+    ),
+    _option(
+        "--max-age",
+        envvar="OUTBOX_MAX_AGE",
+        callback=_duration,
+        default="24h",
+        help="Max age of a stream we create (0: unlimited).",
+    ),
+    _option(
+        "--connect-timeout",
+        envvar="OUTBOX_CONNECT_TIMEOUT",
+        callback=_duration,
+        default="10s",
+        help="How long start-up waits for each server.",
+    ),
 ]
 RELAY_OPTIONS = [
-    _option("--batch-size", envvar="OUTBOX_BATCH_SIZE", type=int, default=500,
-            help="Rows claimed and published per transaction."),
-    _option("--poll-interval", envvar="OUTBOX_POLL_INTERVAL", type=DURATION, default="5s",
-            help="Poll this often even without notifications."),
-    _option("--max-attempts", envvar="OUTBOX_MAX_ATTEMPTS", type=int, default=10,
-            help="Failed publishes of a row before it is dead-lettered."),
-    _option("--retry-backoff", envvar="OUTBOX_RETRY_BACKOFF", type=DURATION, default="1s",
-            help="First delay before a failed row is retried; doubles per attempt."),
-    _option("--retry-backoff-max", envvar="OUTBOX_RETRY_BACKOFF_MAX", type=DURATION,
-            default="5m", help="Longest delay between a failed row's attempts."),
-    _option("--publish-timeout", envvar="OUTBOX_PUBLISH_TIMEOUT", type=DURATION,
-            default="10s", help="How long a batch waits for its PubAcks."),
+    _option(
+        "--batch-size",
+        envvar="OUTBOX_BATCH_SIZE",
+        type=int,
+        default=500,
+        help="Rows claimed and published per transaction.",
+    ),
+    _option(
+        "--poll-interval",
+        envvar="OUTBOX_POLL_INTERVAL",
+        callback=_duration,
+        default="5s",
+        help="Poll this often even without notifications.",
+    ),
+    _option(
+        "--max-attempts",
+        envvar="OUTBOX_MAX_ATTEMPTS",
+        type=int,
+        default=10,
+        help="Failed publishes of a row before it is dead-lettered.",
+    ),
+    _option(
+        "--retry-backoff",
+        envvar="OUTBOX_RETRY_BACKOFF",
+        callback=_duration,
+        default="1s",
+        help="First delay before a failed row is retried; doubles per attempt.",
+    ),
+    _option(
+        "--retry-backoff-max",
+        envvar="OUTBOX_RETRY_BACKOFF_MAX",
+        callback=_duration,
+        default="5m",
+        help="Longest delay between a failed row's attempts.",
+    ),
+    _option(
+        "--publish-timeout",
+        envvar="OUTBOX_PUBLISH_TIMEOUT",
+        callback=_duration,
+        default="10s",
+        help="How long a batch waits for its PubAcks.",
+    ),
 ]
 
 
@@ -102,9 +158,19 @@ def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
 def settings_from(options: dict[str, Any]) -> Settings:
     """Build :class:`Settings` from the parsed CLI options (unknown keys ignored)."""
     known = {
-        "database_url", "schema", "stream", "subject_prefix", "duplicate_window", "max_age",
-        "connect_timeout", "batch_size", "poll_interval", "max_attempts", "retry_backoff",
-        "retry_backoff_max", "publish_timeout",
+        "database_url",
+        "schema",
+        "stream",
+        "subject_prefix",
+        "duplicate_window",
+        "max_age",
+        "connect_timeout",
+        "batch_size",
+        "poll_interval",
+        "max_attempts",
+        "retry_backoff",
+        "retry_backoff_max",
+        "publish_timeout",
     }
     kwargs = {k: v for k, v in options.items() if k in known}
     if "nats_url" in options:
@@ -113,9 +179,14 @@ def settings_from(options: dict[str, Any]) -> Settings:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", show_envvar=True, default="info",
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-              show_default=True)
+@click.option(
+    "--log-level",
+    envvar="OUTBOX_LOG_LEVEL",
+    show_envvar=True,
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    show_default=True,
+)
 @click.version_option(package_name="outbox-relay")
 def cli(log_level: str) -> None:
     """Relay committed PostgreSQL outbox rows to NATS JetStream, exactly once in effect."""
@@ -161,8 +232,9 @@ async def run_until_signalled(relay: Relay) -> None:
                     log.warning("second %s: exiting now", signal.Signals(signum).name)
                     scope.cancel()
                     return
-                log.info("%s: finishing the batch in flight, then stopping",
-                         signal.Signals(signum).name)
+                log.info(
+                    "%s: finishing the batch in flight, then stopping", signal.Signals(signum).name
+                )
                 relay_stopping.append(signum)
                 relay.stop()
 
@@ -219,8 +291,9 @@ def check_command(**options: Any) -> None:
 
 @cli.command("demo")
 @click.option("--events", type=int, default=500, show_default=True, help="Events to emit.")
-@click.option("--producers", type=int, default=4, show_default=True,
-              help="Concurrent producer connections.")
+@click.option(
+    "--producers", type=int, default=4, show_default=True, help="Concurrent producer connections."
+)
 def demo_command(events: int, producers: int) -> None:
     """Start embedded servers (unless configured), emit events, watch them arrive."""
     from outbox_relay.demo import run_demo  # noqa: PLC0415 - needs the 'embedded' extra

@@ -26,8 +26,12 @@ from outbox_relay.schema import migrate
 from outbox_relay.store import OutboxStore, RetryPolicy
 
 EVENT_TYPES = (
-    "playbook.started", "command.issued", "command.claimed", "command.completed",
-    "step.exit", "playbook.completed",
+    "playbook.started",
+    "command.issued",
+    "command.claimed",
+    "command.completed",
+    "step.exit",
+    "playbook.completed",
 )
 _ARRIVAL_TIMEOUT = 60.0
 
@@ -74,7 +78,6 @@ async def _demo(settings: Settings, *, events: int, producers: int) -> None:
     nc = await connect_nats(settings, name="outbox-relay demo")
     js = nc.jetstream()
     producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
-    store = OutboxStore(settings.names, RetryPolicy())
     emitted: list[int] = []
     try:
         async with anyio.create_task_group() as tg:
@@ -86,13 +89,13 @@ async def _demo(settings: Settings, *, events: int, producers: int) -> None:
             async with anyio.create_task_group() as producers_group:
                 for worker in range(producers):
                     share = events // producers + (worker < events % producers)
-                    producers_group.start_soon(_produce, settings, producer, share, emitted)
-                producers_group.start_soon(_watch, settings, js, store, events, before, emitted)
+                    producers_group.start_soon(_produce, settings, producer, worker, share, emitted)
+                producers_group.start_soon(_watch, settings, js, events, before, emitted)
             elapsed = time.monotonic() - started
             relay.stop()
 
         messages = await read_stream(js, settings.stream, subject=settings.subject_wildcard)
-        ids = {int(m.headers[MSG_ID_HEADER]) for m in messages if m.headers}
+        ids = {int(m.header[MSG_ID_HEADER]) for m in messages if m.header}
         missing = set(emitted) - ids
         if missing:
             raise OutboxError(f"{len(missing)} events did not reach the stream")
@@ -101,18 +104,19 @@ async def _demo(settings: Settings, *, events: int, producers: int) -> None:
             f"done      {events} events committed and in stream {settings.stream} exactly "
             f"once in {elapsed:.2f}s"
         )
-        click.echo(f"sample    {sample.subject}  {MSG_ID_HEADER}: {sample.headers[MSG_ID_HEADER]}")
+        msg_id = (sample.header or {}).get(MSG_ID_HEADER)
+        click.echo(f"sample    {sample.subject}  {MSG_ID_HEADER}: {msg_id}")
         click.echo(f"          {sample.data[:150].decode(errors='replace')}...")
     finally:
         await nc.close()
 
 
 async def _produce(
-    settings: Settings, producer: Producer, count: int, emitted: list[int]
+    settings: Settings, producer: Producer, worker: int, count: int, emitted: list[int]
 ) -> None:
     rng = random.Random()  # noqa: S311 - demo data
     async with await connect_postgres(settings, autocommit=False) as conn:
-        execution_id = producer.ids.next_id()
+        execution_id = time.time_ns() // 1000 + worker  # one execution per producer
         for i in range(count):
             async with conn.transaction():
                 event_id = await producer.emit_event_async(
@@ -128,13 +132,9 @@ async def _produce(
 
 
 async def _watch(
-    settings: Settings,
-    js: JetStreamContext,
-    store: OutboxStore,
-    events: int,
-    before: int,
-    emitted: list[int],
+    settings: Settings, js: JetStreamContext, events: int, before: int, emitted: list[int]
 ) -> None:
+    store = OutboxStore(settings.names, RetryPolicy())
     deadline = time.monotonic() + _ARRIVAL_TIMEOUT
     async with await connect_postgres(settings, autocommit=True) as conn:
         while True:

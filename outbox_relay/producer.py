@@ -218,9 +218,7 @@ class Producer:
                 f"bytes (subject {subject})"
             )
         if not msg_id or any(ch in msg_id for ch in "\r\n\x00"):
-            raise InvalidHeadersError(
-                f"invalid msg_id {msg_id!r}: it must be non-empty, one line"
-            )
+            raise InvalidHeadersError(f"invalid msg_id {msg_id!r}: it must be non-empty, one line")
         params = {
             "subject": subject,
             "payload": bytes(payload),

@@ -12,12 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-import orjson
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from outbox_relay.store import Failure, OutboxMessage
 
@@ -39,21 +39,24 @@ class Kind(enum.Enum):
     NO_STREAM = "no_stream"  # nothing answered: either no stream binds it, or the stream is gone
 
 
+_ROW_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (nats.errors.MaxPayloadError, "payload exceeds the server's max_payload"),
+    (nats.errors.BadSubjectError, "NATS refused the subject"),
+    (nats.errors.BadHeaderError, "NATS refused a header name"),
+)
+
+
 def classify(exc: BaseException) -> tuple[Kind, str]:
     """Whether a publish error is the row's fault, and a reason fit for an operator."""
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
         return Kind.NO_STREAM, "no stream answered for the subject"
     if isinstance(exc, nats.js.errors.APIError):
         reason = f"JetStream refused the message: {exc.description} (err_code {exc.err_code})"
-        if exc.code in _TRANSIENT_API_CODES or exc.err_code in _TRANSIENT_API_ERR_CODES:
-            return Kind.TRANSIENT, reason
-        return Kind.ROW, reason
-    if isinstance(exc, nats.errors.MaxPayloadError):
-        return Kind.ROW, "payload exceeds the server's max_payload"
-    if isinstance(exc, nats.errors.BadSubjectError):
-        return Kind.ROW, "NATS refused the subject"
-    if isinstance(exc, nats.errors.BadHeaderError):
-        return Kind.ROW, f"NATS refused a header name: {exc}"
+        transient = exc.code in _TRANSIENT_API_CODES or exc.err_code in _TRANSIENT_API_ERR_CODES
+        return (Kind.TRANSIENT if transient else Kind.ROW), reason
+    for error_type, reason in _ROW_ERRORS:
+        if isinstance(exc, error_type):
+            return Kind.ROW, reason
     if isinstance(exc, TimeoutError):
         return Kind.TRANSIENT, "no PubAck before the publish timeout"
     return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
@@ -148,12 +151,12 @@ class AckInbox:
 
     def forget(self, reply_subject: str) -> None:
         """Stop waiting for a reply (timed out, or never sent)."""
-        future = self._pending.pop(reply_subject[len(self._prefix):], None)
+        future = self._pending.pop(reply_subject[len(self._prefix) :], None)
         if future is not None and not future.done():
             future.cancel()
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self._prefix):], None)
+        future = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if future is None or future.done():
             return
         outcome = parse_ack(msg.data, msg.headers.get(STATUS_HEADER) if msg.headers else None)
@@ -212,17 +215,18 @@ class Publisher:
             if not future.done():
                 self._acks.forget(reply)
                 result.add_transient("no PubAck before the publish timeout")
-            elif (exc := future.exception()) is not None:
-                if classify(exc)[0] is Kind.NO_STREAM:
+            elif (error := future.exception()) is not None:
+                if classify(error)[0] is Kind.NO_STREAM:
                     unroutable.append(message)
                 else:
-                    self._record_error(result, message, exc)
+                    self._record_error(result, message, error)
             else:
                 result.published.append(message.id)
                 result.duplicates += future.result().duplicate
         if unroutable:
             await self._sort_unroutable(result, unroutable)
         return result
+
     async def _sort_unroutable(self, result: BatchResult, messages: list[OutboxMessage]) -> None:
         # "No responders" means no stream binds the subject: the row's fault, unless our
         # own stream is missing (deleted, or the server lost it), which is the servers'.

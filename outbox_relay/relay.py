@@ -61,8 +61,8 @@ class Wakeup:
         if self._event.is_set():
             self._event = anyio.Event()
 
-    async def wait(self, timeout: float) -> None:
-        with anyio.move_on_after(timeout):
+    async def wait(self, at_most: float) -> None:
+        with anyio.move_on_after(at_most):
             await self._event.wait()
 
 
@@ -87,7 +87,9 @@ def default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def connect_postgres(settings: Settings, *, autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+async def connect_postgres(
+    settings: Settings, *, autocommit: bool = False
+) -> psycopg.AsyncConnection[Any]:
     """Connect, or raise :class:`ServerUnavailableError` with the reason."""
     try:
         with anyio.fail_after(settings.connect_timeout):
@@ -207,9 +209,7 @@ class Relay:
                     claimed, result = await self._relay_batch(conn, publisher)
             except (psycopg.OperationalError, TimeoutError, ServerUnavailableError) as exc:
                 delay = outage.next_delay()
-                log.warning(
-                    "PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay
-                )
+                log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await conn.close()
                 await anyio.sleep(delay)
                 conn = await self._reopen_session(conn)
@@ -305,8 +305,11 @@ class Relay:
                             await conn.execute("SELECT 1")
             except (psycopg.OperationalError, TimeoutError) as exc:
                 delay = backoff.next_delay()
-                log.warning("listener lost its connection (%s); reconnecting in %.1fs",
-                            _one_line(exc), delay)
+                log.warning(
+                    "listener lost its connection (%s); reconnecting in %.1fs",
+                    _one_line(exc),
+                    delay,
+                )
                 await anyio.sleep(delay)
 
 

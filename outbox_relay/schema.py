@@ -1,4 +1,4 @@
-"""Versioned, idempotent migrations from ``sql/migrations`` and the check the relay runs at start."""
+"""Versioned, idempotent migrations from ``sql/migrations``, and the relay's start-up check."""
 
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ def migrations() -> tuple[Migration, ...]:
     for path in sorted((SQL_DIR / "migrations").iterdir()):
         match = _MIGRATION_FILE.match(path.name)
         if match:
-            found.append(
-                Migration(int(match[1]), match[2], path.read_text(encoding="utf-8"))
-            )
+            found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
     return tuple(found)
 
 

@@ -7,8 +7,8 @@ import re
 from outbox_relay.errors import InvalidSubjectError
 
 # Mirrors the CHECK constraint on the outbox table (sql/migrations/0001_initial.sql).
-_TOKEN = r"[^\s\x00-\x1f\x7f.*>]+"
-_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
+_PART = r"[^\s\x00-\x1f\x7f.*>]+"
+_SUBJECT = re.compile(rf"{_PART}(?:\.{_PART})*")
 
 
 def validate_subject(subject: str) -> str:

@@ -31,8 +31,11 @@ def servers() -> Iterator[Servers]:
 def pytest_report_header(config: pytest.Config) -> str:
     import os
 
-    given = [v for v in ("OUTBOX_TEST_DATABASE_URL", "OUTBOX_TEST_NATS_URL",
-                         "OUTBOX_TEST_SERVERS") if os.environ.get(v)]
+    given = [
+        v
+        for v in ("OUTBOX_TEST_DATABASE_URL", "OUTBOX_TEST_NATS_URL", "OUTBOX_TEST_SERVERS")
+        if os.environ.get(v)
+    ]
     return f"outbox-relay servers: {', '.join(given) or 'embedded'}"
 
 

@@ -31,12 +31,12 @@ async def running_relay(settings: Settings, relay_id: str = "test") -> AsyncIter
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, interval: float = 0.05
+    check: Callable[[], Awaitable[bool]], *, within: float = 20.0, interval: float = 0.05
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await anyio.sleep(interval)
 
 

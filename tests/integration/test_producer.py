@@ -42,7 +42,10 @@ async def test_emit_event_writes_the_event_and_its_outbox_row(
     (row,) = await fetch_all(outbox, outbox_rows(outbox))
     msg_id, subject, payload, headers, attempts = row
     assert (msg_id, subject, headers, attempts) == (
-        str(event_id), f"{outbox.subject_prefix}.command.issued", None, 0,
+        str(event_id),
+        f"{outbox.subject_prefix}.command.issued",
+        None,
+        0,
     )
     # The payload is byte for byte what to_jsonb(noetl.event row) gives.
     (expected,) = await fetch_all(
@@ -63,10 +66,15 @@ async def test_rollback_leaves_nothing_behind(
     db: psycopg.Connection[Any], outbox: Settings
 ) -> None:
     producer = producer_for(outbox)
-    with pytest.raises(RuntimeError), db.transaction():
-        producer.emit_event(db, event_type="step.exit", execution_id=1)
-        producer.enqueue(db, subject="other.subject", payload=b"x", msg_id="m-1")
-        raise RuntimeError("the application fails after writing")
+
+    def write_then_fail() -> None:
+        with db.transaction():
+            producer.emit_event(db, event_type="step.exit", execution_id=1)
+            producer.enqueue(db, subject="other.subject", payload=b"x", msg_id="m-1")
+            raise RuntimeError("the application fails after writing")
+
+    with pytest.raises(RuntimeError):
+        write_then_fail()
     assert await fetch_all(outbox, outbox_rows(outbox)) == []
 
 
@@ -75,7 +83,10 @@ async def test_async_twins_write_the_same_rows(outbox: Settings) -> None:
     async with await connect_postgres(outbox) as conn:
         event_id = await producer.emit_event_async(conn, event_type="a.b", execution_id=7)
         queue_id = await producer.enqueue_async(
-            conn, subject="custom.subject", payload=b"\x00\xffraw", msg_id="custom-1",
+            conn,
+            subject="custom.subject",
+            payload=b"\x00\xffraw",
+            msg_id="custom-1",
             headers={"traceparent": "00-abc-def-01"},
         )
         await conn.commit()
@@ -124,9 +135,7 @@ async def test_bad_headers_are_refused(
     db: psycopg.Connection[Any], outbox: Settings, headers: dict[str, str], message: str
 ) -> None:
     with pytest.raises(InvalidHeadersError, match=message):
-        producer_for(outbox).enqueue(
-            db, subject="a.b", payload=b"x", msg_id="1", headers=headers
-        )
+        producer_for(outbox).enqueue(db, subject="a.b", payload=b"x", msg_id="1", headers=headers)
 
 
 async def test_unknown_event_columns_fail_loudly(

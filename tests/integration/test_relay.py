@@ -37,7 +37,9 @@ def emit_many(settings: Settings, count: int, *, execution_id: int = 1) -> set[s
                 ids.add(
                     str(
                         producer.emit_event(
-                            conn, event_type=f"step.n{i % 3}", execution_id=execution_id,
+                            conn,
+                            event_type=f"step.n{i % 3}",
+                            execution_id=execution_id,
                             node_name=f"node-{i}",
                         )
                     )
@@ -63,11 +65,14 @@ async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
         await wait_until(lambda: drained(outbox))
     messages = await stream_messages(nc, outbox)
     assert_exactly_once(messages, ids)
-    payloads = dict(await fetch_all(
-        outbox,
-        sql.SQL("SELECT event_id::text, convert_to(to_jsonb(e)::text, 'UTF8') FROM {}.event e")
-        .format(sql.Identifier(outbox.schema)),
-    ))
+    payloads = dict(
+        await fetch_all(
+            outbox,
+            sql.SQL(
+                "SELECT event_id::text, convert_to(to_jsonb(e)::text, 'UTF8') FROM {}.event e"
+            ).format(sql.Identifier(outbox.schema)),
+        )
+    )
     for message in messages:
         assert message.headers is not None
         event_id = message.headers["Nats-Msg-Id"]
@@ -78,10 +83,9 @@ async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
 async def test_rolled_back_events_never_reach_the_stream(outbox: Settings, nc: NATS) -> None:
     producer = producer_for(outbox)
     async with running_relay(outbox):
-        with psycopg.connect(outbox.database_url) as conn:
-            with conn.transaction():
-                producer.emit_event(conn, event_type="doomed", execution_id=1)
-                raise psycopg.Rollback  # the application changes its mind
+        with psycopg.connect(outbox.database_url) as conn, conn.transaction():
+            producer.emit_event(conn, event_type="doomed", execution_id=1)
+            raise psycopg.Rollback  # the application changes its mind
         kept = emit_many(outbox, 1)
         await wait_until(lambda: drained(outbox))
     assert_exactly_once(await stream_messages(nc, outbox), kept)
@@ -101,10 +105,14 @@ async def test_an_existing_stream_is_left_untouched_with_a_warning(
     outbox: Settings, nc: NATS, caplog: pytest.LogCaptureFixture
 ) -> None:
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(
-        name=outbox.stream, subjects=[outbox.subject_wildcard], storage=StorageType.MEMORY,
-        duplicate_window=30,
-    ))
+    await js.add_stream(
+        StreamConfig(
+            name=outbox.stream,
+            subjects=[outbox.subject_wildcard],
+            storage=StorageType.MEMORY,
+            duplicate_window=30,
+        )
+    )
     with caplog.at_level(logging.WARNING):
         async with running_relay(outbox):
             pass
@@ -119,13 +127,14 @@ async def test_notify_wakes_the_relay_long_before_the_poll_interval(
     settings = Settings(**{**_fields(unmigrated), "poll_interval": 120.0})
     async with await connect_postgres(settings) as conn:
         from outbox_relay.schema import migrate
+
         await migrate(conn, settings.names)
     async with running_relay(settings):
         await anyio.sleep(0.5)  # let the first poll pass; only a notification can wake it now
         for _ in range(3):
             started = time.monotonic()
             emit_many(settings, 1)
-            await wait_until(lambda: drained(settings), timeout=10)
+            await wait_until(lambda: drained(settings), within=10)
             # Functional, not a benchmark: a relay that only polled would take 120 s.
             assert time.monotonic() - started < 10
 
@@ -157,9 +166,7 @@ async def stream_has(nc: NATS, settings: Settings, count: int) -> bool:
         return False
 
 
-async def test_payload_over_max_payload_once_headers_are_added(
-    outbox: Settings, nc: NATS
-) -> None:
+async def test_payload_over_max_payload_once_headers_are_added(outbox: Settings, nc: NATS) -> None:
     settings = Settings(**{**_fields(outbox), "max_attempts": 1})
     limit = nc.max_payload
     producer = producer_for(settings, max_payload=limit)
@@ -167,7 +174,9 @@ async def test_payload_over_max_payload_once_headers_are_added(
     async with running_relay(settings):
         with psycopg.connect(settings.database_url) as conn:
             producer.enqueue(
-                conn, subject=f"{settings.subject_prefix}.big", payload=b"x" * (limit - 10),
+                conn,
+                subject=f"{settings.subject_prefix}.big",
+                payload=b"x" * (limit - 10),
                 msg_id="big-1",
             )
             conn.commit()
@@ -187,15 +196,21 @@ async def test_message_over_the_streams_max_msg_size_is_dead_lettered(
     outbox: Settings, nc: NATS
 ) -> None:
     settings = Settings(**{**_fields(outbox), "max_attempts": 2})
-    await nc.jetstream().add_stream(StreamConfig(
-        name=settings.stream, subjects=[settings.subject_wildcard], max_msg_size=1000,
-        duplicate_window=120,
-    ))
+    await nc.jetstream().add_stream(
+        StreamConfig(
+            name=settings.stream,
+            subjects=[settings.subject_wildcard],
+            max_msg_size=1000,
+            duplicate_window=120,
+        )
+    )
     producer = producer_for(settings)
     async with running_relay(settings):
         with psycopg.connect(settings.database_url) as conn:
             producer.enqueue(
-                conn, subject=f"{settings.subject_prefix}.big", payload=b"x" * 2000,
+                conn,
+                subject=f"{settings.subject_prefix}.big",
+                payload=b"x" * 2000,
                 msg_id="too-big",
             )
             conn.commit()
@@ -222,7 +237,7 @@ async def test_two_relays_publish_each_row_once(outbox: Settings, nc: NATS) -> N
 
             for execution_id in range(1, 4):
                 tg.start_soon(produce, execution_id)
-        await wait_until(lambda: drained(settings), timeout=60)
+        await wait_until(lambda: drained(settings), within=60)
     expected = set().union(*results)
     assert_exactly_once(await stream_messages(nc, settings), expected)
     # SKIP LOCKED kept the relays apart: no row was even sent twice.
@@ -234,7 +249,9 @@ async def test_two_relays_publish_each_row_once(outbox: Settings, nc: NATS) -> N
 
 async def test_lag_counts_pending_rows_their_age_and_dead_letters(outbox: Settings) -> None:
     assert (await lag(outbox)).as_dict() == {
-        "pending": 0, "oldest_age_seconds": 0.0, "dead_letters": 0,
+        "pending": 0,
+        "oldest_age_seconds": 0.0,
+        "dead_letters": 0,
     }
     emit_many(outbox, 3)
     await anyio.sleep(0.2)
@@ -266,7 +283,5 @@ async def test_a_missing_stream_never_counts_against_rows(outbox: Settings, nc: 
 
 def _fields(settings: Settings) -> dict[str, Any]:
     return {
-        name: getattr(settings, name)
-        for name in Settings.__dataclass_fields__
-        if name != "names"
+        name: getattr(settings, name) for name in Settings.__dataclass_fields__ if name != "names"
     }

@@ -49,8 +49,9 @@ async def test_unmigrated_database_is_reported(unmigrated: Settings) -> None:
             await ensure_migrated(conn, unmigrated.names)
 
 
-@pytest.mark.parametrize(("version", "message"), [(0, "run `outbox-relay migrate`"),
-                                                  (999, "upgrade outbox-relay")])
+@pytest.mark.parametrize(
+    ("version", "message"), [(0, "run `outbox-relay migrate`"), (999, "upgrade outbox-relay")]
+)
 async def test_wrong_schema_version_is_reported(
     outbox: Settings, version: int, message: str
 ) -> None:
@@ -105,9 +106,7 @@ async def test_database_accepts_what_the_python_check_accepts(
     db: psycopg.Connection[Any], outbox: Settings, subject: str
 ) -> None:
     db.execute(
-        sql.SQL("SELECT {}.event_outbox_enqueue(%s, %s, %s)").format(
-            sql.Identifier(outbox.schema)
-        ),
+        sql.SQL("SELECT {}.event_outbox_enqueue(%s, %s, %s)").format(sql.Identifier(outbox.schema)),
         (subject, b"x", "id-1"),
     )
 

@@ -12,8 +12,15 @@ from outbox_relay.errors import ConfigError
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("120", 120.0), ("120s", 120.0), ("2m", 120.0), ("24h", 86400.0), ("500ms", 0.5),
-     ("1.5s", 1.5), ("1d", 86400.0)],
+    [
+        ("120", 120.0),
+        ("120s", 120.0),
+        ("2m", 120.0),
+        ("24h", 86400.0),
+        ("500ms", 0.5),
+        ("1.5s", 1.5),
+        ("1d", 86400.0),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -33,7 +40,9 @@ def test_format_duration_round_trips() -> None:
 def test_defaults_follow_the_noetl_tailer_contract() -> None:
     s = Settings()
     assert (s.stream, s.subject_prefix, s.subject_wildcard) == (
-        "noetl_events", "noetl.events", "noetl.events.>",
+        "noetl_events",
+        "noetl.events",
+        "noetl.events.>",
     )
     assert (s.duplicate_window, s.max_age) == (120.0, 86400.0)
     assert s.names.channel == "noetl.event_outbox"
@@ -58,7 +67,9 @@ def test_defaults_follow_the_noetl_tailer_contract() -> None:
         ({"schema": "x" * 60}, "schema name"),
     ],
 )
-def test_bad_settings_are_refused_with_the_reason(overrides: dict[str, object], message: str) -> None:
+def test_bad_settings_are_refused_with_the_reason(
+    overrides: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings(**overrides)  # type: ignore[arg-type]
 

@@ -47,9 +47,14 @@ def test_wire_size_counts_the_header_block() -> None:
     [
         (nats.js.errors.NoStreamResponseError(), Kind.NO_STREAM),
         (nats.js.errors.APIError(code=400, err_code=10054, description="message size"), Kind.ROW),
-        (nats.js.errors.APIError(code=400, err_code=10060, description="expected stream"), Kind.ROW),
-        (nats.js.errors.APIError(code=503, err_code=10008, description="unavailable"),
-         Kind.TRANSIENT),
+        (
+            nats.js.errors.APIError(code=400, err_code=10060, description="expected stream"),
+            Kind.ROW,
+        ),
+        (
+            nats.js.errors.APIError(code=503, err_code=10008, description="unavailable"),
+            Kind.TRANSIENT,
+        ),
         (nats.errors.MaxPayloadError(), Kind.ROW),
         (nats.errors.BadSubjectError(), Kind.ROW),
         (nats.errors.TimeoutError(), Kind.TRANSIENT),

@@ -24,7 +24,7 @@ def test_every_named_query_renders() -> None:
 def test_hostile_schema_names_are_quoted(schema: str) -> None:
     rendered = query("claim_batch", Names(schema)).as_string()
     quoted = '"' + schema.replace('"', '""') + '"'
-    assert f"{quoted}.\"event_outbox\"" in rendered
+    assert f'{quoted}."event_outbox"' in rendered
 
 
 def test_migrations_are_numbered_from_one_without_gaps() -> None:
