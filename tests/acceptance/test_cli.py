@@ -1,0 +1,195 @@
+"""The product as its users meet it: the ``outbox-relay`` command in its own process."""
+
+import signal
+from pathlib import Path
+
+import anyio
+import orjson
+import psycopg
+import pytest
+from nats.aio.client import Client as NATS
+
+from outbox_relay.config import Settings
+from outbox_relay.producer import Producer
+from tests.acceptance.cli import clean_env, env_for, outbox_relay, produce, relay_process
+from tests.helpers import assert_exactly_once, lag, stream_count, stream_messages, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def enqueue_rows(settings: Settings, count: int) -> set[str]:
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    with psycopg.connect(settings.database_url) as conn:
+        return {
+            str(producer.emit_event(conn, event_type="step.exit", execution_id=9, node_id=str(i)))
+            for i in range(count)
+        }
+
+
+async def drained(settings: Settings) -> bool:
+    return (await lag(settings)).pending == 0
+
+
+async def test_migrate_is_idempotent_and_lag_reports_json(unmigrated: Settings) -> None:
+    env = env_for(unmigrated)
+    first = await outbox_relay("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_initial" in first.stdout
+    second = await outbox_relay("migrate", env=env)
+    assert second.returncode == 0
+    assert "applied" not in second.stdout
+    assert f"schema {unmigrated.schema} is at version 1" in second.stdout
+
+    empty = await outbox_relay("lag", "--json", env=env)
+    assert orjson.loads(empty.stdout) == {
+        "pending": 0,
+        "oldest_age_seconds": 0.0,
+        "dead_letters": 0,
+    }
+    enqueue_rows(unmigrated, 2)
+    table = await outbox_relay("lag", env=env)
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split() == ["pending", "2"]
+    report = orjson.loads((await outbox_relay("lag", "--json", env=env)).stdout)
+    assert report["pending"] == 2
+    assert report["oldest_age_seconds"] > 0
+
+
+async def test_run_relays_then_exits_zero_on_sigterm(
+    outbox: Settings, nc: NATS, tmp_path: Path
+) -> None:
+    with relay_process(env_for(outbox), tmp_path / "relay.log") as relay:
+        ids = enqueue_rows(outbox, 100)
+        await wait_until(lambda: drained(outbox), within=30)
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0
+    assert_exactly_once(await stream_messages(nc, outbox), ids)
+    assert "stopped: published 100 (0 duplicates)" in relay.output()
+
+
+async def test_a_relay_killed_mid_stream_and_restarted_loses_nothing(
+    outbox: Settings, nc: NATS, tmp_path: Path
+) -> None:
+    ids = enqueue_rows(outbox, 3000)
+    env = env_for(outbox, OUTBOX_BATCH_SIZE="50")
+
+    async def some_published() -> bool:
+        try:
+            return await stream_count(nc, outbox) > 0
+        except Exception:  # noqa: BLE001 - the relay has not created the stream yet
+            return False
+
+    with relay_process(env, tmp_path / "first.log") as first:
+        await wait_until(some_published, within=30, interval=0.01)
+        first.signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    assert (await lag(outbox)).pending > 0, "the relay finished before it was killed"
+    with relay_process(env, tmp_path / "second.log") as second:
+        await wait_until(lambda: drained(outbox), within=60)
+        second.signal(signal.SIGTERM)
+        assert second.wait(timeout=15) == 0
+    assert_exactly_once(await stream_messages(nc, outbox), ids)
+
+
+async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
+    outbox: Settings, nc: NATS, tmp_path: Path
+) -> None:
+    with relay_process(env_for(outbox), tmp_path / "relay.log") as relay:
+        minted: list[int] = []
+
+        async def one_producer(execution_id: int) -> None:
+            minted.extend(await produce(outbox, execution_id, 250))
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for execution_id in range(1, 5):
+                    tg.start_soon(one_producer, execution_id)
+        ids = {str(i) for i in minted}
+        assert len(ids) == len(minted) == 1000  # four processes, no id minted twice
+        await wait_until(lambda: drained(outbox), within=60)
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0
+    messages = await stream_messages(nc, outbox)
+    assert_exactly_once(messages, ids)
+    for message in messages:
+        event = orjson.loads(message.data)
+        assert message.header == {
+            "Nats-Msg-Id": str(event["event_id"]),
+            "Nats-Expected-Stream": outbox.stream,
+        }
+        assert message.subject == f"{outbox.subject_prefix}.{event['event_type']}"
+        assert event["context"] == {"i": int(event["node_name"].split("-")[1])}
+
+
+@pytest.mark.parametrize(
+    ("args", "overrides", "exit_code", "message"),
+    [
+        (["run", "--batch-size", "0"], {}, 2, "batch size must be between 1 and 10000"),
+        (["run", "--poll-interval", "soon"], {}, 2, "invalid duration 'soon'"),
+        (["run", "--nats-url", "http://x:1"], {}, 2, "invalid NATS URL"),
+        (["run", "--subject-prefix", "a.*"], {}, 2, "wildcards"),
+        (
+            ["run"],
+            {"OUTBOX_DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:9/none"},
+            3,
+            "cannot connect to PostgreSQL at app@127.0.0.1:9/none",
+        ),
+        (
+            ["migrate"],
+            {"OUTBOX_DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:9/none"},
+            3,
+            "cannot connect to PostgreSQL",
+        ),
+        (["run"], {"OUTBOX_NATS_URL": "nats://u:s3cret@127.0.0.1:9"}, 3, "cannot reach NATS"),
+        (["run"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
+        (["lag"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
+        (["check"], {"OUTBOX_STREAM": "no_such_stream"}, 1, "stream no_such_stream"),
+    ],
+)
+async def test_user_mistakes_get_one_line_and_an_exit_code(
+    outbox: Settings, args: list[str], overrides: dict[str, str], exit_code: int, message: str
+) -> None:
+    result = await outbox_relay(*args, env={**env_for(outbox), **overrides})
+    output = result.stdout + result.stderr
+    assert result.returncode == exit_code, output
+    assert message in output
+    assert "Traceback" not in output
+    assert "s3cret" not in output
+
+
+async def test_check_passes_once_the_stream_exists(
+    outbox: Settings, nc: NATS, tmp_path: Path
+) -> None:
+    env = env_for(outbox)
+    with relay_process(env, tmp_path / "relay.log") as relay:
+        await wait_until(lambda: _stream_exists(nc, outbox), within=30)
+        relay.signal(signal.SIGTERM)
+        relay.wait(timeout=15)
+    result = await outbox_relay("check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "postgres: ok" in result.stdout
+    assert f"nats: ok, stream {outbox.stream}" in result.stdout
+
+
+async def _stream_exists(nc: NATS, settings: Settings) -> bool:
+    try:
+        await nc.jetstream().stream_info(settings.stream)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+async def test_demo_runs_on_embedded_servers_with_nothing_configured() -> None:
+    result = await outbox_relay("demo", "--events", "60", env=clean_env(), within=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "embedded PostgreSQL" in result.stdout
+    assert "embedded nats-server" in result.stdout
+    assert "60 events committed and in stream noetl_events exactly once" in result.stdout
+
+
+async def test_demo_uses_configured_servers(unmigrated: Settings) -> None:
+    result = await outbox_relay("demo", "--events", "20", env=env_for(unmigrated), within=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configured server" in result.stdout
+    assert "20 events committed" in result.stdout
+    assert (await lag(unmigrated)).pending == 0
