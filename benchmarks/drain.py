@@ -49,14 +49,14 @@ async def relay_drain(settings: Settings, rows: int, payload: int) -> float:
     await preload(settings, rows, payload)
     store = OutboxStore(settings.names, RetryPolicy())
     relay = Relay(settings, relay_id="bench")
-    async with await connect_postgres(settings, autocommit=True) as conn:
-        async with anyio.create_task_group() as tg:
-            started = time.perf_counter()
-            tg.start_soon(relay.run)
-            while (await store.lag(conn)).pending:  # noqa: ASYNC110 - polls the database
-                await anyio.sleep(0.01)
-            elapsed = time.perf_counter() - started
-            relay.stop()
+    conn = await connect_postgres(settings, autocommit=True)
+    async with conn, anyio.create_task_group() as tg:
+        started = time.perf_counter()
+        tg.start_soon(relay.run)
+        while (await store.lag(conn)).pending:  # noqa: ASYNC110 - polls the database
+            await anyio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        relay.stop()
     assert relay.stats.published == rows, relay.stats
     return rows / elapsed
 
