@@ -24,8 +24,9 @@ from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
-from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.relay import Relay
 from outbox_relay.schema import migrate
 from outbox_relay.store import OutboxStore, RetryPolicy
 

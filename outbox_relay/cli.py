@@ -19,9 +19,10 @@ import psycopg
 
 from outbox_relay import config
 from outbox_relay.config import Settings, parse_duration, split_nats_urls
+from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ConfigError, OutboxError
 from outbox_relay.jetstream import connect_nats
-from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.relay import Relay
 from outbox_relay.schema import ensure_migrated, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
 

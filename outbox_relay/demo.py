@@ -16,12 +16,13 @@ import click
 from nats.js import JetStreamContext
 
 from outbox_relay.config import Settings, redact_url, split_nats_urls
+from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 from outbox_relay.errors import OutboxError
 from outbox_relay.jetstream import connect_nats, read_stream
 from outbox_relay.producer import Producer
 from outbox_relay.publish import MSG_ID_HEADER
-from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.relay import Relay
 from outbox_relay.schema import migrate
 from outbox_relay.store import OutboxStore, RetryPolicy
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import orjson
 import psycopg
-from psycopg.types.json import set_json_loads
 
-from outbox_relay.config import Settings, describe_database, format_duration
+from outbox_relay.config import Settings, format_duration
+from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.publish import BatchResult, Publisher
@@ -87,27 +86,6 @@ def default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def connect_postgres(
-    settings: Settings, *, autocommit: bool = False
-) -> psycopg.AsyncConnection[Any]:
-    """Connect, or raise :class:`ServerUnavailableError` with the reason."""
-    try:
-        with anyio.fail_after(settings.connect_timeout):
-            conn = await psycopg.AsyncConnection.connect(
-                settings.database_url,
-                autocommit=autocommit,
-                connect_timeout=max(1, int(settings.connect_timeout)),
-            )
-    except (psycopg.OperationalError, TimeoutError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
-        raise ServerUnavailableError(
-            f"cannot connect to PostgreSQL at {describe_database(settings.database_url)} "
-            f"({reason}): check --database-url / OUTBOX_DATABASE_URL or the PG* variables"
-        ) from exc
-    set_json_loads(orjson.loads, conn)
-    return conn
-
-
 class Relay:
     """Moves committed outbox rows to JetStream until told to stop."""
 
@@ -122,6 +100,8 @@ class Relay:
         self._wakeup = Wakeup()
         self._stopping = False
         self._started = anyio.Event()
+        # Shown in pg_stat_activity, so an operator can tell which relay holds what.
+        self._application_name = f"outbox-relay {self.relay_id}"[:63]
 
     def stop(self) -> None:
         """Stop claiming; the batch in flight is finished first. Safe from a signal task."""
@@ -182,7 +162,7 @@ class Relay:
         )
 
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
-        conn = await connect_postgres(self.settings)
+        conn = await connect_postgres(self.settings, application_name=self._application_name)
         idle_timeout = self.settings.publish_timeout + _STATEMENT_TIMEOUT
         await conn.execute(
             query("configure_session", self.settings.names),
@@ -280,7 +260,9 @@ class Relay:
         started = False
         while True:
             try:
-                conn = await connect_postgres(self.settings, autocommit=True)
+                conn = await connect_postgres(
+                    self.settings, autocommit=True, application_name=self._application_name
+                )
             except ServerUnavailableError as exc:
                 if not started:
                     raise

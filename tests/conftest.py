@@ -11,8 +11,8 @@ from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import connect_nats
-from outbox_relay.relay import connect_postgres
 from outbox_relay.schema import migrate
 from tests.servers import Servers, test_servers
 

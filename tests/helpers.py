@@ -13,9 +13,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import read_stream
 from outbox_relay.publish import MSG_ID_HEADER
-from outbox_relay.relay import Relay, connect_postgres
+from outbox_relay.relay import Relay
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
 
 

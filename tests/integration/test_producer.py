@@ -7,10 +7,10 @@ import pytest
 from psycopg import sql
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.errors import InvalidHeadersError, InvalidSubjectError, PayloadTooLargeError
 from outbox_relay.ids import SnowflakeGenerator, split_id
 from outbox_relay.producer import Producer
-from outbox_relay.relay import connect_postgres
 from tests.helpers import fetch_all
 
 

@@ -10,9 +10,9 @@ from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import ensure_stream
 from outbox_relay.producer import Producer
-from outbox_relay.relay import connect_postgres
 from tests.helpers import (
     assert_exactly_once,
     fetch_all,

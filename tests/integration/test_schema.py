@@ -6,9 +6,9 @@ import pytest
 from psycopg import sql
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.errors import NotMigratedError
 from outbox_relay.producer import Producer
-from outbox_relay.relay import connect_postgres
 from outbox_relay.schema import ensure_migrated, latest_version, migrate
 from tests.helpers import fetch_all
 from tests.unit.test_subjects import INVALID, VALID
