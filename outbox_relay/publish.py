@@ -179,6 +179,10 @@ class Publisher:
     async def start(self) -> None:
         await self._acks.start()
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
     async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
         """Send every message without waiting, then collect the PubAcks together."""
         result = BatchResult()

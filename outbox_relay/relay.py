@@ -183,6 +183,11 @@ class Relay:
         # statements theirs, but a dead TCP peer answers neither.
         batch_deadline = settings.publish_timeout + 3 * _STATEMENT_TIMEOUT
         while not self._stopping:
+            if not publisher.connected:
+                # Claiming now would only hold row locks while nats-py buffers the
+                # messages; the client is reconnecting on its own.
+                await self._wakeup.wait(outage.next_delay())
+                continue
             self._wakeup.clear()
             try:
                 with anyio.fail_after(batch_deadline):
