@@ -77,7 +77,7 @@ class Backoff:
         self._attempt = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self._maximum, self._initial * 2**self._attempt)
+        ceiling = min(self._maximum, self._initial * 2.0 ** min(self._attempt, 30))
         self._attempt += 1
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
@@ -98,14 +98,14 @@ class Relay:
             RetryPolicy(settings.max_attempts, settings.retry_backoff, settings.retry_backoff_max),
         )
         self._wakeup = Wakeup()
-        self._stopping = False
+        self._stopping = anyio.Event()
         self._started = anyio.Event()
         # Shown in pg_stat_activity, so an operator can tell which relay holds what.
         self._application_name = f"outbox-relay {self.relay_id}"[:63]
 
     def stop(self) -> None:
         """Stop claiming; the batch in flight is finished first. Safe from a signal task."""
-        self._stopping = True
+        self._stopping.set()
         self._wakeup.set()
 
     async def wait_started(self) -> None:
@@ -182,11 +182,11 @@ class Relay:
         # Backstop for a stalled network: the publish has its own timeout, the
         # statements theirs, but a dead TCP peer answers neither.
         batch_deadline = settings.publish_timeout + 3 * _STATEMENT_TIMEOUT
-        while not self._stopping:
+        while not self._stopping.is_set():
             if not publisher.connected:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
-                await self._wakeup.wait(outage.next_delay())
+                await self._pause(outage.next_delay())
                 continue
             self._wakeup.clear()
             try:
@@ -196,7 +196,7 @@ class Relay:
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await conn.close()
-                await anyio.sleep(delay)
+                await self._pause(delay)
                 conn = await self._reopen_session(conn)
                 continue
             if result.transient:
@@ -208,12 +208,17 @@ class Relay:
                     result.transient_reason,
                     delay,
                 )
-                await self._wakeup.wait(delay)
+                await self._pause(delay)
                 continue
             outage.reset()
             if claimed < settings.batch_size:
                 await self._wakeup.wait(settings.poll_interval)
         return conn
+
+    async def _pause(self, seconds: float) -> None:
+        """Sit out an outage: new rows do not end it, only time or stop() does."""
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
 
     async def _reopen_session(
         self, old: psycopg.AsyncConnection[Any]
