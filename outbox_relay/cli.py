@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -20,11 +21,18 @@ import psycopg
 from outbox_relay import config
 from outbox_relay.config import Settings, parse_duration, split_nats_urls
 from outbox_relay.database import connect_postgres
+from outbox_relay.dead_letters import (
+    DeadLetterFilter,
+    list_dead_letters,
+    purge_dead_letters,
+    retry_dead_letters,
+)
 from outbox_relay.errors import ConfigError, OutboxError
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.relay import Relay
 from outbox_relay.schema import ensure_migrated, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
+from outbox_relay.verify import Report, VerificationFailed, Window, verify
 
 log = logging.getLogger("outbox_relay")
 
@@ -288,6 +296,156 @@ def check_command(**options: Any) -> None:
         click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
 
     _run_async(go)
+
+
+@cli.command("verify")
+@_with([*DATABASE_OPTIONS, *NATS_OPTIONS])
+@click.option("--from-id", type=int, help="First event id of the window.")
+@click.option("--to-id", type=int, help="Last event id of the window.")
+@click.option("--since", help="Window start: ISO time or a duration ago (e.g. 10m).")
+@click.option("--until", help="Window end: ISO time or a duration ago.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_command(
+    from_id: int | None,
+    to_id: int | None,
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Check every event id of a window: ok, pending, lost, duplicate or unexpected.
+
+    Exits 5 when anything is lost, duplicated or unexpected.
+    """
+    settings = settings_from(options)
+    if (from_id is not None or to_id is not None) and (since or until):
+        raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
+    window = (
+        Window.between(_moment(since), _moment(until)) if since or until else Window(from_id, to_id)
+    )
+
+    async def go() -> Report:
+        async with await connect_postgres(settings, autocommit=True) as conn:
+            await ensure_migrated(conn, settings.names)
+            nc = await connect_nats(settings, name="outbox-relay verify")
+            try:
+                return await verify(conn, nc.jetstream(), settings, window)
+            finally:
+                await nc.close()
+
+    report = _run_async(go)
+    summary = report.as_dict()
+    if as_json:
+        click.echo(orjson.dumps(summary).decode())
+    else:
+        for key in ("ok", "pending", "lost", "duplicate", "unexpected"):
+            click.echo(f"{key:<12}{summary[key]}")
+    if not report.clean:
+        raise VerificationFailed(
+            f"{summary['lost']} lost, {summary['duplicate']} duplicate, "
+            f"{summary['unexpected']} unexpected"
+        )
+
+
+def _moment(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ConfigError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO time nor a duration", param_hint="--since/--until"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@cli.group("dead-letters")
+def dead_letters_group() -> None:
+    """List, re-queue or purge rows that failed --max-attempts times."""
+
+
+DEAD_LETTER_FILTERS = [
+    click.option("--id", "ids", type=int, multiple=True, help="Dead letter id (repeatable)."),
+    click.option("--reason", help="Case-insensitive part of the reason."),
+    click.option("--older-than", callback=_duration, help="Dead-lettered longer ago than this."),
+]
+
+
+def _selection(
+    ids: tuple[int, ...], reason: str | None, older_than: float | None, everything: bool = False
+) -> DeadLetterFilter:
+    return DeadLetterFilter(ids or None, reason, older_than, everything)
+
+
+@dead_letters_group.command("list")
+@_with([*DATABASE_OPTIONS, *DEAD_LETTER_FILTERS])
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dead_letters_list(
+    ids: tuple[int, ...],
+    reason: str | None,
+    older_than: float | None,
+    limit: int,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Show dead letters, oldest first."""
+    settings = settings_from(options)
+
+    async def go() -> list[dict[str, Any]]:
+        async with await connect_postgres(settings, autocommit=True) as conn:
+            await ensure_migrated(conn, settings.names)
+            return await list_dead_letters(
+                conn, settings.names, _selection(ids, reason, older_than), limit
+            )
+
+    for row in _run_async(go):
+        if as_json:
+            click.echo(orjson.dumps(row).decode())
+        else:
+            click.echo(
+                f"{row['id']:>10}  {row['event_id']}  {row['subject']}  "
+                f"attempts={row['attempts']}  {row['dead_lettered_at']:%Y-%m-%d %H:%M:%S}  "
+                f"{row['reason']}"
+            )
+
+
+def _dead_letter_change(
+    verb: str, change: Callable[..., Coroutine[Any, Any, int]]
+) -> click.Command:
+    @click.command(verb)
+    @_with([*DATABASE_OPTIONS, *DEAD_LETTER_FILTERS])
+    @click.option("--all", "everything", is_flag=True, help="Every dead letter.")
+    def command(
+        ids: tuple[int, ...],
+        reason: str | None,
+        older_than: float | None,
+        everything: bool,
+        **options: Any,
+    ) -> None:
+        settings = settings_from(options)
+        selection = _selection(ids, reason, older_than, everything)
+
+        async def go() -> int:
+            async with await connect_postgres(settings) as conn:
+                await ensure_migrated(conn, settings.names)
+                count = await change(conn, settings.names, selection)
+                await conn.commit()
+                return count
+
+        click.echo(f"{verb}: {_run_async(go)} dead letters")
+
+    return command
+
+
+dead_letters_group.add_command(_dead_letter_change("retry", retry_dead_letters))
+dead_letters_group.add_command(_dead_letter_change("purge", purge_dead_letters))
+dead_letters_group.commands["retry"].help = "Move dead letters back into the outbox."
+dead_letters_group.commands["purge"].help = "Delete dead letters for good."
 
 
 @cli.command("demo")

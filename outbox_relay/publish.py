@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from outbox_relay.failpoints import AFTER_PUBLISH, armed, failpoint
 from outbox_relay.store import Failure, OutboxMessage
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -166,6 +167,9 @@ class AckInbox:
             future.set_result(outcome)
 
 
+_InFlight = tuple[OutboxMessage, str, asyncio.Future[Ack]]
+
+
 class Publisher:
     """Publishes batches to one stream over one NATS connection."""
 
@@ -186,7 +190,20 @@ class Publisher:
     async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
         """Send every message without waiting, then collect the PubAcks together."""
         result = BatchResult()
-        pending: list[tuple[OutboxMessage, str, asyncio.Future[Ack]]] = []
+        in_flight = await self._send(messages, result)
+        if armed(AFTER_PUBLISH):
+            await self._nc.flush()  # on the wire, so the crash lands after the send
+            failpoint(AFTER_PUBLISH)
+        if in_flight:
+            with anyio.move_on_after(self._timeout):
+                await asyncio.wait([future for _, _, future in in_flight])
+        await self._collect(in_flight, result)
+        return result
+
+    async def _send(
+        self, messages: Sequence[OutboxMessage], result: BatchResult
+    ) -> list[_InFlight]:
+        in_flight: list[_InFlight] = []
         max_payload = self._nc.max_payload
         for message in messages:
             headers = message_headers(message, self._stream)
@@ -205,17 +222,16 @@ class Publisher:
                 await self._nc.publish(
                     message.subject, message.payload, reply=reply, headers=headers
                 )
-            except Exception as exc:  # noqa: BLE001 - every failure is classified below
+            except Exception as exc:  # noqa: BLE001 - every failure is classified
                 self._acks.forget(reply)
                 self._record_error(result, message, exc)
             else:
-                pending.append((message, reply, future))
+                in_flight.append((message, reply, future))
+        return in_flight
 
-        if pending:
-            with anyio.move_on_after(self._timeout):
-                await asyncio.wait([future for _, _, future in pending])
+    async def _collect(self, in_flight: list[_InFlight], result: BatchResult) -> None:
         unroutable = []
-        for message, reply, future in pending:
+        for message, reply, future in in_flight:
             if not future.done():
                 self._acks.forget(reply)
                 result.add_transient("no PubAck before the publish timeout")
@@ -229,7 +245,6 @@ class Publisher:
                 result.duplicates += future.result().duplicate
         if unroutable:
             await self._sort_unroutable(result, unroutable)
-        return result
 
     async def _sort_unroutable(self, result: BatchResult, messages: list[OutboxMessage]) -> None:
         # "No responders" means no stream binds the subject: the row's fault, unless our

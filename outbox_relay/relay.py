@@ -21,6 +21,7 @@ import psycopg
 from outbox_relay.config import Settings, format_duration
 from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.publish import BatchResult, Publisher
 from outbox_relay.queries import query
@@ -237,9 +238,11 @@ class Relay:
             messages = await self._store.claim(conn, self.settings.batch_size)
             if not messages:
                 return 0, BatchResult()
+            failpoint(AFTER_CLAIM)
             result = await publisher.publish_batch(messages)
             await self._store.delete(conn, result.published)
             outcome = await self._store.record_failures(conn, result.failures)
+            failpoint(AFTER_ACK)
         stats = self.stats
         stats.batches += 1
         stats.published += len(result.published)

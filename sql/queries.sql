@@ -101,3 +101,51 @@ SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s
 
 -- name: listen
 LISTEN {channel};
+
+-- name: verify_committed
+-- Event ids committed in the window (bounds inclusive, NULL for open).
+SELECT event_id FROM {event_table}
+WHERE (%(from_id)s::bigint IS NULL OR event_id >= %(from_id)s)
+  AND (%(to_id)s::bigint IS NULL OR event_id <= %(to_id)s);
+
+-- name: verify_exists
+SELECT event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
+
+-- name: verify_pending
+-- Event ids still waiting in the outbox or parked in the dead letters.
+SELECT event_id::bigint FROM (
+    SELECT event_id FROM {outbox_table}
+    UNION ALL
+    SELECT event_id FROM {dead_letter_table}
+) AS waiting
+WHERE event_id ~ '^-?[0-9]{{1,19}}$'
+  AND (%(from_id)s::bigint IS NULL OR event_id::numeric >= %(from_id)s)
+  AND (%(to_id)s::bigint IS NULL OR event_id::numeric <= %(to_id)s);
+
+-- name: dead_letter_filter
+-- Shared WHERE clause of the dead-letter commands; every filter is optional.
+(%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+AND (%(reason)s::text IS NULL OR reason ILIKE '%%' || %(reason)s || '%%')
+AND (%(older_than)s::float8 IS NULL
+     OR dead_lettered_at < now() - make_interval(secs => %(older_than)s::float8))
+
+-- name: dead_letters_list
+SELECT id, event_id, subject, octet_length(payload) AS payload_bytes, attempts, reason,
+       created_at, dead_lettered_at
+FROM {dead_letter_table}
+WHERE {filter}
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: dead_letters_retry
+-- Back into the outbox with a fresh attempt count; the msg id is unchanged, so a
+-- copy JetStream already holds inside its duplicate window is collapsed.
+WITH moved AS (
+    DELETE FROM {dead_letter_table} WHERE {filter}
+    RETURNING event_id, subject, payload, headers, created_at
+)
+INSERT INTO {outbox_table} (event_id, subject, payload, headers, created_at)
+SELECT event_id, subject, payload, headers, created_at FROM moved;
+
+-- name: dead_letters_purge
+DELETE FROM {dead_letter_table} WHERE {filter};

@@ -1,0 +1,141 @@
+"""Check the stream against the database: was every committed event stored once?
+
+Each event id of a window is classified as
+
+* ``ok``: committed, in the stream once;
+* ``pending``: committed, not in the stream yet, still in the outbox or dead letters;
+* ``lost``: committed, gone from the outbox, not in the stream;
+* ``duplicate``: stored in the stream more than once;
+* ``unexpected``: in the stream, never committed.
+
+The stream keeps messages for its max age only: verify windows inside it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from nats.js import JetStreamContext
+
+from outbox_relay.config import Settings
+from outbox_relay.errors import OutboxError
+from outbox_relay.ids import EPOCH_MS, LOW_BITS
+from outbox_relay.jetstream import read_stream
+from outbox_relay.publish import MSG_ID_HEADER
+from outbox_relay.queries import query
+
+SAMPLE = 20  # problem ids listed per class; counts are always complete
+
+
+class VerificationFailed(OutboxError):
+    """Something committed is lost or doubled, or the stream holds what never committed."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Event ids from ``from_id`` to ``to_id``, both inclusive; None is open."""
+
+    from_id: int | None = None
+    to_id: int | None = None
+
+    @classmethod
+    def between(cls, since: datetime | None, until: datetime | None) -> Window:
+        """The ids a snowflake generator mints in a time span (time sits in the top bits)."""
+
+        def first_id(moment: datetime) -> int:
+            return max(0, int(moment.timestamp() * 1000) - EPOCH_MS) << LOW_BITS
+
+        return cls(
+            first_id(since) if since else None,
+            first_id(until) + (1 << LOW_BITS) - 1 if until else None,
+        )
+
+    def __contains__(self, event_id: int) -> bool:
+        return (self.from_id is None or event_id >= self.from_id) and (
+            self.to_id is None or event_id <= self.to_id
+        )
+
+    def params(self) -> dict[str, int | None]:
+        return {"from_id": self.from_id, "to_id": self.to_id}
+
+
+@dataclass(slots=True)
+class Report:
+    ok: int = 0
+    pending: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    duplicate: dict[int, int] = field(default_factory=dict)  # event id -> copies
+    unexpected: list[int] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost or self.duplicate or self.unexpected)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "pending": len(self.pending),
+            "lost": len(self.lost),
+            "duplicate": len(self.duplicate),
+            "unexpected": len(self.unexpected),
+            "clean": self.clean,
+            "samples": {
+                "pending": sorted(self.pending)[:SAMPLE],
+                "lost": sorted(self.lost)[:SAMPLE],
+                "duplicate": {str(k): v for k, v in sorted(self.duplicate.items())[:SAMPLE]},
+                "unexpected": sorted(self.unexpected)[:SAMPLE],
+            },
+        }
+
+
+def classify_ids(committed: set[int], waiting: set[int], stored: Counter[int]) -> Report:
+    """The pure part: sort ids by what the database and the stream say of them."""
+    report = Report()
+    for event_id in committed:
+        copies = stored.get(event_id, 0)
+        if copies == 1:
+            report.ok += 1
+        elif copies > 1:
+            report.duplicate[event_id] = copies
+        elif event_id in waiting:
+            report.pending.append(event_id)
+        else:
+            report.lost.append(event_id)
+    report.unexpected = [i for i in stored if i not in committed]
+    for event_id, copies in stored.items():
+        if copies > 1 and event_id not in committed:
+            report.duplicate[event_id] = copies
+    return report
+
+
+async def verify(
+    conn: psycopg.AsyncConnection[Any], js: JetStreamContext, settings: Settings, window: Window
+) -> Report:
+    """Read the window's event ids from the database and the stream, and classify them.
+
+    The database is read first, so whatever the stream holds had a chance to commit
+    before; ids committed in between are looked up again rather than called
+    unexpected. A relay may keep running meanwhile.
+    """
+    names, params = settings.names, window.params()
+    async with conn.cursor() as cur:
+        await cur.execute(query("verify_committed", names), params)
+        committed = {row[0] for row in await cur.fetchall()}
+        await cur.execute(query("verify_pending", names), params)
+        waiting = {row[0] for row in await cur.fetchall()}
+    stored: Counter[int] = Counter()
+    for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
+        msg_id = (message.header or {}).get(MSG_ID_HEADER, "")
+        if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
+            stored[int(msg_id)] += 1
+    late = [i for i in stored if i not in committed]
+    if late:
+        cur = await conn.execute(query("verify_exists", names), {"ids": late})
+        committed |= {row[0] for row in await cur.fetchall()}
+    return classify_ids(committed, waiting, stored)
