@@ -40,7 +40,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:  # an optional duration left out
+        return None
     try:
         return parse_duration(value)
     except ConfigError as exc:

@@ -6,6 +6,7 @@ from pathlib import Path
 import anyio
 import orjson
 import psycopg
+from psycopg import sql
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -193,3 +194,76 @@ async def test_demo_uses_configured_servers(unmigrated: Settings) -> None:
     assert "configured server" in result.stdout
     assert "20 events committed" in result.stdout
     assert (await lag(unmigrated)).pending == 0
+
+
+async def test_dead_letters_can_be_listed_retried_and_purged(
+    outbox: Settings, tmp_path: Path
+) -> None:
+    producer = Producer(schema=outbox.schema, subject_prefix=outbox.subject_prefix)
+    with psycopg.connect(outbox.database_url) as conn:
+        producer.enqueue(conn, subject="nobody.listens", payload=b"x", msg_id="poison")
+    env = env_for(outbox, OUTBOX_MAX_ATTEMPTS="1")
+    with relay_process(env, tmp_path / "relay.log") as relay:
+        await wait_until(lambda: _dead_letters_are(outbox, 1), within=30)
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0
+
+    listed = await outbox_relay("dead-letters", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["event_id"], row["subject"], row["attempts"]) == ("poison", "nobody.listens", 1)
+    assert row["reason"] == "no stream binds subject nobody.listens"
+
+    refused = await outbox_relay("dead-letters", "purge", env=env)
+    assert refused.returncode == 2
+    assert "--all" in refused.stderr
+
+    none = await outbox_relay("dead-letters", "retry", "--reason", "no such reason", env=env)
+    assert none.stdout.strip() == "retry: 0 dead letters"
+    retried = await outbox_relay("dead-letters", "retry", "--id", str(row["id"]), env=env)
+    assert retried.stdout.strip() == "retry: 1 dead letters"
+    assert (await lag(outbox)).as_dict() | {"oldest_age_seconds": 0} == {
+        "pending": 1,
+        "oldest_age_seconds": 0,
+        "dead_letters": 0,
+    }
+    with relay_process(env, tmp_path / "again.log") as relay:
+        await wait_until(lambda: _dead_letters_are(outbox, 1), within=30)
+        relay.signal(signal.SIGTERM)
+        relay.wait(timeout=15)
+    purged = await outbox_relay("dead-letters", "purge", "--all", env=env)
+    assert purged.stdout.strip() == "purge: 1 dead letters"
+    assert (await lag(outbox)).dead_letters == 0
+
+
+async def _dead_letters_are(settings: Settings, count: int) -> bool:
+    return (await lag(settings)).dead_letters == count
+
+
+async def test_verify_exits_zero_when_clean_and_five_when_something_is_lost(
+    outbox: Settings, tmp_path: Path
+) -> None:
+    env = env_for(outbox)
+    ids = sorted(int(i) for i in enqueue_rows(outbox, 20))
+    with relay_process(env, tmp_path / "relay.log") as relay:
+        await wait_until(lambda: drained(outbox), within=30)
+        relay.signal(signal.SIGTERM)
+        relay.wait(timeout=15)
+    clean = await outbox_relay("verify", "--json", env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert orjson.loads(clean.stdout)["ok"] == 20
+    window = await outbox_relay("verify", "--from-id", str(ids[5]), "--to-id", str(ids[9]), env=env)
+    assert window.stdout.splitlines()[0].split() == ["ok", "5"]
+    recent = await outbox_relay("verify", "--since", "10m", "--json", env=env)
+    assert orjson.loads(recent.stdout)["ok"] == 20
+
+    # A committed event whose outbox row vanished without a publish: lost.
+    with psycopg.connect(outbox.database_url) as conn:
+        Producer(schema=outbox.schema, subject_prefix=outbox.subject_prefix).emit_event(
+            conn, event_type="step.exit", execution_id=9
+        )
+        conn.execute(sql.SQL("DELETE FROM {}.event_outbox").format(sql.Identifier(outbox.schema)))
+    lost = await outbox_relay("verify", "--json", env=env)
+    assert lost.returncode == 5
+    assert orjson.loads(lost.stdout)["lost"] == 1
+    assert "1 lost, 0 duplicate, 0 unexpected" in lost.stderr

@@ -1,0 +1,85 @@
+import anyio
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamConfig
+from psycopg import sql
+
+from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
+from outbox_relay.jetstream import ensure_stream
+from outbox_relay.producer import Producer
+from outbox_relay.verify import Window, verify
+from tests.helpers import lag, running_relay, wait_until
+
+
+def emit(settings: Settings, count: int) -> list[int]:
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    with psycopg.connect(settings.database_url) as conn:
+        return [producer.emit_event(conn, event_type="v", execution_id=1) for _ in range(count)]
+
+
+ALL = Window()
+
+
+async def run_verify(settings: Settings, nc: NATS, window: Window = ALL) -> dict[str, int]:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        report = await verify(conn, nc.jetstream(), settings, window)
+    summary = report.as_dict()
+    return {k: summary[k] for k in ("ok", "pending", "lost", "duplicate", "unexpected")}
+
+
+async def drained(settings: Settings) -> bool:
+    return (await lag(settings)).pending == 0
+
+
+async def test_a_clean_run_is_all_ok(outbox: Settings, nc: NATS) -> None:
+    async with running_relay(outbox):
+        ids = emit(outbox, 30)
+        await wait_until(lambda: drained(outbox))
+    assert await run_verify(outbox, nc) == {
+        "ok": 30,
+        "pending": 0,
+        "lost": 0,
+        "duplicate": 0,
+        "unexpected": 0,
+    }
+    assert (await run_verify(outbox, nc, Window(ids[10], ids[19])))["ok"] == 10
+
+
+async def test_lost_pending_duplicate_and_unexpected_are_reported(
+    outbox: Settings, nc: NATS
+) -> None:
+    js = nc.jetstream()
+    # A one-second duplicate window, so a second copy can be stored on purpose.
+    await js.add_stream(
+        StreamConfig(
+            name=outbox.stream,
+            subjects=[outbox.subject_wildcard],
+            duplicate_window=1,
+        )
+    )
+    await ensure_stream(js, outbox)
+    published = emit(outbox, 3)
+    async with running_relay(outbox):
+        await wait_until(lambda: drained(outbox))
+    pending = emit(outbox, 2)  # no relay: they wait
+    lost = emit(outbox, 1)
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DELETE FROM {}.event_outbox WHERE event_id = %s").format(
+                sql.Identifier(outbox.schema)
+            ),
+            (str(lost[0]),),
+        )
+    subject = f"{outbox.subject_prefix}.v"
+    await nc.flush()
+    await anyio.sleep(1.2)  # past the duplicate window
+    await js.publish(subject, b"again", headers={"Nats-Msg-Id": str(published[0])})
+    await js.publish(subject, b"stray", headers={"Nats-Msg-Id": "12345"})
+    assert await run_verify(outbox, nc) == {
+        "ok": 2,
+        "pending": len(pending),
+        "lost": 1,
+        "duplicate": 1,
+        "unexpected": 1,
+    }
