@@ -6,9 +6,9 @@ from pathlib import Path
 import anyio
 import orjson
 import psycopg
-from psycopg import sql
 import pytest
 from nats.aio.client import Client as NATS
+from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.producer import Producer
