@@ -100,6 +100,22 @@ class Settings:
             self.max_age == 0 or self.duplicate_window <= self.max_age,
             "duplicate window must not exceed max age",
         )
+        _require(
+            self.duplicate_window > self.claim_hold_bound,
+            f"duplicate window must be longer than the claim hold bound, 2 x publish "
+            f"timeout + 5s = {format_duration(self.claim_hold_bound)}: rows a frozen relay "
+            "held are published again after that",
+        )
+
+    @property
+    def claim_hold_bound(self) -> float:
+        """Longest a relay keeps claimed rows locked: the publish wait, with a margin.
+
+        PostgreSQL ends a session idle in its transaction this long, releasing a
+        frozen relay's rows; they may then be published again, so the duplicate
+        window has to be longer than this.
+        """
+        return 2 * self.publish_timeout + 5.0
 
     @property
     def subject_wildcard(self) -> str:

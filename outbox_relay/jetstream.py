@@ -115,6 +115,13 @@ def _stream_warnings(config: StreamConfig, settings: Settings) -> list[str]:
             f"{format_duration(settings.duplicate_window)}: a re-publish after a crash may "
             "be stored twice. Raise it with `nats stream edit` or lower --duplicate-window"
         )
+    if config.duplicate_window <= settings.claim_hold_bound:
+        warnings.append(
+            f"stream {config.name}'s duplicate window "
+            f"({format_duration(config.duplicate_window)}) is not longer than this relay's "
+            f"claim hold bound ({format_duration(settings.claim_hold_bound)}): rows of a relay "
+            "frozen mid-batch are published again after that and can be stored twice"
+        )
     probe = f"{settings.subject_prefix}.probe"
     if not any(subject_matches(pattern, probe) for pattern in config.subjects or []):
         warnings.append(

@@ -187,6 +187,14 @@ class Publisher:
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
 
+    @property
+    def closed(self) -> bool:
+        """The client stopped for good (it does not reconnect from here)."""
+        return bool(self._nc.is_closed)
+
+    async def close(self) -> None:
+        await self._nc.close()
+
     async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
         """Send every message without waiting, then collect the PubAcks together."""
         result = BatchResult()

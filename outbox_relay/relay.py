@@ -8,6 +8,7 @@ collapsed by JetStream's duplicate window (the ``Nats-Msg-Id`` is the event id).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -120,20 +121,11 @@ class Relay:
         outages are logged and waited out.
         """
         settings = self.settings
-        conn = await self._open_session()
+        self._conn = await self._open_session()
+        self._publisher: Publisher | None = None
         try:
-            await ensure_migrated(conn, settings.names)
-            nc = await connect_nats(settings, name=f"outbox-relay {self.relay_id}")
-        except BaseException:
-            await conn.close()
-            raise
-        try:
-            status = await ensure_stream(nc.jetstream(), settings)
-            log.info("%s", status.describe())
-            for warning in status.warnings:
-                log.warning("%s", warning)
-            publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
-            await publisher.start()
+            await ensure_migrated(self._conn, settings.names)
+            self._publisher = await self._connect_publisher()
             async with anyio.create_task_group() as tg:
                 await tg.start(self._listen)
                 log.info(
@@ -145,13 +137,14 @@ class Relay:
                     format_duration(settings.poll_interval),
                 )
                 self._started.set()
-                conn = await self._relay_loop(conn, publisher)
+                await self._relay_loop()
                 tg.cancel_scope.cancel()
         finally:
             # Shielded: a cancelled relay still closes its connections cleanly.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await conn.close()
-                await nc.close()
+                await self._conn.close()
+                if self._publisher is not None:
+                    await self._publisher.close()
         stats = self.stats
         log.info(
             "relay %s stopped: published %d (%d duplicates), retried %d, dead-lettered %d",
@@ -162,9 +155,24 @@ class Relay:
             stats.dead_lettered,
         )
 
+    async def _connect_publisher(self) -> Publisher:
+        settings = self.settings
+        nc = await connect_nats(settings, name=f"outbox-relay {self.relay_id}")
+        try:
+            status = await ensure_stream(nc.jetstream(), settings)
+            log.info("%s", status.describe())
+            for warning in status.warnings:
+                log.warning("%s", warning)
+            publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
+            await publisher.start()
+        except BaseException:
+            await nc.close()
+            raise
+        return publisher
+
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_postgres(self.settings, application_name=self._application_name)
-        idle_timeout = self.settings.publish_timeout + _STATEMENT_TIMEOUT
+        idle_timeout = self.settings.claim_hold_bound
         await conn.execute(
             query("configure_session", self.settings.names),
             {
@@ -175,16 +183,15 @@ class Relay:
         await conn.commit()
         return conn
 
-    async def _relay_loop(
-        self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
-    ) -> psycopg.AsyncConnection[Any]:
+    async def _relay_loop(self) -> None:
         settings = self.settings
         outage = Backoff()
         # Backstop for a stalled network: the publish has its own timeout, the
         # statements theirs, but a dead TCP peer answers neither.
         batch_deadline = settings.publish_timeout + 3 * _STATEMENT_TIMEOUT
         while not self._stopping.is_set():
-            if not publisher.connected:
+            publisher = await self._usable_publisher()
+            if publisher is None or not publisher.connected:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
                 await self._pause(outage.next_delay())
@@ -192,13 +199,13 @@ class Relay:
             self._wakeup.clear()
             try:
                 with anyio.fail_after(batch_deadline):
-                    claimed, result = await self._relay_batch(conn, publisher)
+                    claimed, result = await self._relay_batch(self._conn, publisher)
             except (psycopg.OperationalError, TimeoutError, ServerUnavailableError) as exc:
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
-                await conn.close()
+                await self._conn.close()
                 await self._pause(delay)
-                conn = await self._reopen_session(conn)
+                await self._reopen_session()
                 continue
             if result.transient:
                 delay = outage.next_delay()
@@ -214,20 +221,30 @@ class Relay:
             outage.reset()
             if claimed < settings.batch_size:
                 await self._wakeup.wait(settings.poll_interval)
-        return conn
+
+    async def _usable_publisher(self) -> Publisher | None:
+        """The publisher, rebuilt if its client gave up reconnecting and closed."""
+        if self._publisher is not None and not self._publisher.closed:
+            return self._publisher
+        if self._publisher is not None:
+            log.warning("NATS client closed; connecting a new one")
+            self._publisher = None
+        try:
+            self._publisher = await self._connect_publisher()
+        except ServerUnavailableError as exc:
+            log.warning("%s", exc)
+        return self._publisher
 
     async def _pause(self, seconds: float) -> None:
         """Sit out an outage: new rows do not end it, only time or stop() does."""
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
 
-    async def _reopen_session(
-        self, old: psycopg.AsyncConnection[Any]
-    ) -> psycopg.AsyncConnection[Any]:
-        try:
-            return await self._open_session()
-        except ServerUnavailableError:
-            return old  # still closed: the next batch fails fast and backs off again
+    async def _reopen_session(self) -> None:
+        # On failure the old, closed connection stays: the next batch fails fast and
+        # backs off again.
+        with contextlib.suppress(ServerUnavailableError):
+            self._conn = await self._open_session()
 
     async def _relay_batch(
         self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
