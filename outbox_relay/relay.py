@@ -200,7 +200,9 @@ class Relay:
             try:
                 with anyio.fail_after(batch_deadline):
                     claimed, result = await self._relay_batch(self._conn, publisher)
-            except (psycopg.OperationalError, TimeoutError, ServerUnavailableError) as exc:
+            except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
+                if not _connection_lost(exc, self._conn):
+                    raise
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await self._conn.close()
@@ -323,6 +325,17 @@ class Relay:
                     delay,
                 )
                 await anyio.sleep(delay)
+
+
+def _connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an error means "reconnect and carry on" rather than a bug to report.
+
+    A session ended by the server (idle-in-transaction timeout, admin shutdown,
+    restart) surfaces as several error classes; what they share is a dead connection.
+    """
+    if isinstance(exc, TimeoutError | ServerUnavailableError | psycopg.OperationalError):
+        return True
+    return bool(conn.closed or conn.broken)
 
 
 def _one_line(exc: BaseException) -> str:

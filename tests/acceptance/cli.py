@@ -26,16 +26,22 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    return clean_env(
-        OUTBOX_DATABASE_URL=settings.database_url,
-        OUTBOX_NATS_URL=",".join(settings.nats_urls),
-        OUTBOX_SCHEMA=settings.schema,
-        OUTBOX_STREAM=settings.stream,
-        OUTBOX_SUBJECT_PREFIX=settings.subject_prefix,
-        OUTBOX_POLL_INTERVAL="1s",
-        OUTBOX_CONNECT_TIMEOUT="3s",
-        **extra,
-    )
+    """The environment that configures ``outbox-relay`` exactly as ``settings``."""
+    configured = {
+        "OUTBOX_DATABASE_URL": settings.database_url,
+        "OUTBOX_NATS_URL": ",".join(settings.nats_urls),
+        "OUTBOX_SCHEMA": settings.schema,
+        "OUTBOX_STREAM": settings.stream,
+        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
+        "OUTBOX_POLL_INTERVAL": f"{settings.poll_interval}s",
+        "OUTBOX_PUBLISH_TIMEOUT": f"{settings.publish_timeout}s",
+        "OUTBOX_RETRY_BACKOFF": f"{settings.retry_backoff}s",
+        "OUTBOX_RETRY_BACKOFF_MAX": f"{settings.retry_backoff_max}s",
+        "OUTBOX_CONNECT_TIMEOUT": f"{settings.connect_timeout}s",
+        "OUTBOX_BATCH_SIZE": str(settings.batch_size),
+        "OUTBOX_MAX_ATTEMPTS": str(settings.max_attempts),
+    }
+    return clean_env(**{**configured, **extra})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""Fault injection on real servers; each test ends with ``verify``: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from nats.aio.client import Client as NATS
+
+from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
+from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
+from outbox_relay.jetstream import connect_nats
+from outbox_relay.producer import Producer
+from outbox_relay.schema import migrate
+from outbox_relay.verify import Window, verify
+from tests.conftest import make_settings
+from tests.helpers import lag, wait_until
+from tests.servers import Servers
+
+pytestmark = pytest.mark.slow
+
+# What each fault test measured, shown at the end of the run.
+RESULTS: list[tuple[str, dict[str, Any]]] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    terminalreporter.section("fault injection: verify after each fault")
+    terminalreporter.write_line(f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}")
+    for name, summary in RESULTS:
+        terminalreporter.write_line(
+            f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
+            f"{summary['unexpected']:>7}"
+        )
+
+
+@pytest.fixture
+def own_nats() -> Iterator[EmbeddedNats]:
+    """A nats-server of this test's own, to stop, freeze and restart."""
+    with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as server:
+        yield server
+
+
+async def migrated(settings: Settings) -> Settings:
+    async with await connect_postgres(settings) as conn:
+        await migrate(conn, settings.names)
+    return settings
+
+
+@pytest.fixture
+async def on_own_nats(servers: Servers, own_nats: EmbeddedNats) -> Settings:
+    """Shared PostgreSQL (own schema), this test's own nats-server."""
+    settings = make_settings(
+        Servers(servers.database_url, own_nats.url, "own nats"), publish_timeout=2.0
+    )
+    return await migrated(settings)
+
+
+@pytest.fixture
+async def on_shared(servers: Servers) -> Settings:
+    return await migrated(make_settings(servers, publish_timeout=2.0))
+
+
+class Load:
+    """Producers committing events at a steady rate, through outages (failed ones just fail)."""
+
+    def __init__(self, settings: Settings, *, rate: float, producers: int = 2) -> None:
+        self.settings = settings
+        self.rate = rate
+        self.producers = producers
+        self.committed = 0
+        self.failed = 0
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker in range(self.producers):
+                tg.start_soon(self._produce, worker)
+
+    async def _produce(self, worker: int) -> None:
+        producer = Producer(
+            schema=self.settings.schema, subject_prefix=self.settings.subject_prefix
+        )
+        interval = self.producers / self.rate
+        conn: psycopg.AsyncConnection[Any] | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = await psycopg.AsyncConnection.connect(
+                        self.settings.database_url, autocommit=True, connect_timeout=2
+                    )
+                await producer.emit_event_async(
+                    conn, event_type="load.tick", execution_id=worker, node_id="load"
+                )
+                self.committed += 1
+            except psycopg.OperationalError:
+                self.failed += 1  # outcome unknown or refused: verify reads the truth
+                if conn is not None:
+                    await conn.close()
+                conn = None
+                await anyio.sleep(0.2)
+            with anyio.move_on_after(interval * random.uniform(0.5, 1.5)):
+                await self._stop.wait()
+        if conn is not None:
+            await conn.close()
+
+
+async def drained(settings: Settings) -> bool:
+    return (await lag(settings)).pending == 0
+
+
+async def assert_nothing_lost_or_doubled(
+    name: str, settings: Settings, *, window: Window | None = None, within: float = 90
+) -> dict[str, Any]:
+    """Wait until the outbox is empty, then verify the stream against the database."""
+    await wait_until(lambda: drained(settings), within=within, interval=0.2)
+    nc: NATS = await connect_nats(settings)
+    try:
+        async with await connect_postgres(settings, autocommit=True) as conn:
+            report = await verify(conn, nc.jetstream(), settings, window or Window())
+    finally:
+        await nc.close()
+    summary = report.as_dict()
+    RESULTS.append((name, summary))
+    assert summary["lost"] == summary["duplicate"] == summary["unexpected"] == 0, summary
+    assert summary["pending"] == 0, summary
+    assert summary["ok"] > 0, summary
+    return summary
