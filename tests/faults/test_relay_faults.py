@@ -16,7 +16,7 @@ from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, AFTER_PUBLISH, POINT
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
-from tests.acceptance.cli import env_for, relay_process
+from tests.acceptance.cli import RelayProcess, env_for, relay_process
 from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, drained
 from tests.helpers import lag, wait_until
 
@@ -76,10 +76,8 @@ async def test_a_relay_frozen_longer_than_its_claim_cannot_mark_or_double(
     ):
         async with anyio.create_task_group() as tg:
             tg.start_soon(load.run)
-            await wait_until(
-                lambda: _fewer_pending_than(settings, 19_000), within=30, interval=0.01
-            )
-            zombie.signal(signal.SIGSTOP)
+            await wait_until(lambda: _started(zombie, b, c), within=30, interval=0.01)
+            await wait_until(lambda: _frozen_mid_batch(settings, zombie), within=30, interval=0)
             await anyio.sleep(settings.claim_hold_bound + 6)
             zombie.signal(signal.SIGCONT)
             await anyio.sleep(3)
@@ -95,8 +93,24 @@ async def test_a_relay_frozen_longer_than_its_claim_cannot_mark_or_double(
     )
 
 
-async def _fewer_pending_than(settings: Settings, count: int) -> bool:
-    return (await lag(settings)).pending < count
+async def _started(*relays: RelayProcess) -> bool:
+    return all(" started: schema " in relay.output() for relay in relays)
+
+
+async def _frozen_mid_batch(settings: Settings, relay: RelayProcess) -> bool:
+    """Freeze the relay; keep it frozen only if it holds claimed rows right now."""
+    relay.signal(signal.SIGSTOP)
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+            " AND application_name LIKE %s",
+            (f"outbox-relay %-{relay.process.pid}",),
+        )
+        row = await cur.fetchone()
+    if row and row[0]:
+        return True
+    relay.signal(signal.SIGCONT)
+    return False
 
 
 async def test_sigterm_under_load_exits_zero_within_bound(
