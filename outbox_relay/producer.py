@@ -101,10 +101,9 @@ class Producer:
         if event_id is None:
             ids = self._ids() or self._adopt(conn.execute(*self._lease_statement()).fetchone())
             event_id = ids.next_id()
-        statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
-        with _translated_errors():
-            row = conn.execute(*statement).fetchone()
-        return _first(row)
+        return _execute(
+            conn, self._emit_statement(event_type, execution_id, event_id, headers, columns)
+        )
 
     async def emit_event_async(
         self,
@@ -124,10 +123,7 @@ class Producer:
                 ids = self._adopt(await cur.fetchone())
             event_id = ids.next_id()
         statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
-        with _translated_errors():
-            cur = await conn.execute(*statement)
-            row = await cur.fetchone()
-        return _first(row)
+        return await _execute_async(conn, statement)
 
     # -- any message ----------------------------------------------------------------
 
@@ -141,10 +137,7 @@ class Producer:
         headers: Headers | None = None,
     ) -> int:
         """Queue ``payload`` for ``subject`` with ``Nats-Msg-Id: msg_id``; return the queue id."""
-        statement = self._enqueue_statement(subject, payload, msg_id, headers)
-        with _translated_errors():
-            row = conn.execute(*statement).fetchone()
-        return _first(row)
+        return _execute(conn, self._enqueue_statement(subject, payload, msg_id, headers))
 
     async def enqueue_async(
         self,
@@ -156,11 +149,9 @@ class Producer:
         headers: Headers | None = None,
     ) -> int:
         """:meth:`enqueue` for an :class:`psycopg.AsyncConnection`."""
-        statement = self._enqueue_statement(subject, payload, msg_id, headers)
-        with _translated_errors():
-            cur = await conn.execute(*statement)
-            row = await cur.fetchone()
-        return _first(row)
+        return await _execute_async(
+            conn, self._enqueue_statement(subject, payload, msg_id, headers)
+        )
 
     # -- event ids ----------------------------------------------------------------------
 
@@ -248,6 +239,19 @@ def _adapt(value: Any) -> Any:
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+def _execute(conn: psycopg.Connection[Any], statement: _Statement) -> int:
+    """Run a producer statement; its one result is an id."""
+    with _translated_errors():
+        return _first(conn.execute(*statement).fetchone())
+
+
+async def _execute_async(conn: psycopg.AsyncConnection[Any], statement: _Statement) -> int:
+    """:func:`_execute` for an :class:`psycopg.AsyncConnection`."""
+    with _translated_errors():
+        cur = await conn.execute(*statement)
+        return _first(await cur.fetchone())
 
 
 def _first(row: tuple[Any, ...] | None) -> int:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import read_stream
+from outbox_relay.producer import Producer
 from outbox_relay.publish import MSG_ID_HEADER
 from outbox_relay.relay import Relay
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
@@ -53,13 +55,34 @@ def msg_ids(messages: list[Msg]) -> list[str]:
     return [m.headers[MSG_ID_HEADER] for m in messages if m.headers]
 
 
-def assert_exactly_once(messages: list[Msg], expected_ids: set[str]) -> None:
+def assert_exactly_once(messages: list[Msg], expected: Iterable[str]) -> None:
+    expected_ids = set(expected)
     counts = Counter(msg_ids(messages))
     doubled = {i: n for i, n in counts.items() if n > 1}
     assert not doubled, f"stored more than once: {doubled}"
     assert set(counts) == expected_ids, (
         f"missing {len(expected_ids - set(counts))}, unexpected {len(set(counts) - expected_ids)}"
     )
+
+
+def emit_events(
+    settings: Settings, count: int, *, execution_id: int = 1, event_type: str = "test.event"
+) -> list[str]:
+    """Commit ``count`` events, one transaction each; return their ids as msg ids."""
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    with psycopg.connect(settings.database_url) as conn:
+        return [
+            str(
+                producer.emit_event(
+                    conn, event_type=event_type, execution_id=execution_id, node_name=f"n{i}"
+                )
+            )
+            for i in range(count)
+        ]
+
+
+async def drained(settings: Settings) -> bool:
+    return (await lag(settings)).pending == 0
 
 
 async def lag(settings: Settings) -> Lag:

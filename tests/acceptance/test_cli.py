@@ -13,22 +13,17 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.producer import Producer
 from tests.acceptance.cli import clean_env, env_for, outbox_relay, produce, relay_process
-from tests.helpers import assert_exactly_once, lag, stream_count, stream_messages, wait_until
+from tests.helpers import (
+    assert_exactly_once,
+    drained,
+    emit_events,
+    lag,
+    stream_count,
+    stream_messages,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def enqueue_rows(settings: Settings, count: int) -> set[str]:
-    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
-    with psycopg.connect(settings.database_url) as conn:
-        return {
-            str(producer.emit_event(conn, event_type="step.exit", execution_id=9, node_id=str(i)))
-            for i in range(count)
-        }
-
-
-async def drained(settings: Settings) -> bool:
-    return (await lag(settings)).pending == 0
 
 
 async def test_migrate_is_idempotent_and_lag_reports_json(unmigrated: Settings) -> None:
@@ -47,7 +42,7 @@ async def test_migrate_is_idempotent_and_lag_reports_json(unmigrated: Settings) 
         "oldest_age_seconds": 0.0,
         "dead_letters": 0,
     }
-    enqueue_rows(unmigrated, 2)
+    emit_events(unmigrated, 2)
     table = await outbox_relay("lag", env=env)
     assert table.returncode == 0
     assert table.stdout.splitlines()[0].split() == ["pending", "2"]
@@ -60,7 +55,7 @@ async def test_run_relays_then_exits_zero_on_sigterm(
     outbox: Settings, nc: NATS, tmp_path: Path
 ) -> None:
     with relay_process(env_for(outbox), tmp_path / "relay.log") as relay:
-        ids = enqueue_rows(outbox, 100)
+        ids = emit_events(outbox, 100)
         await wait_until(lambda: drained(outbox), within=30)
         relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=15) == 0
@@ -71,7 +66,7 @@ async def test_run_relays_then_exits_zero_on_sigterm(
 async def test_a_relay_killed_mid_stream_and_restarted_loses_nothing(
     outbox: Settings, nc: NATS, tmp_path: Path
 ) -> None:
-    ids = enqueue_rows(outbox, 3000)
+    ids = emit_events(outbox, 3000)
     env = env_for(outbox, OUTBOX_BATCH_SIZE="50")
 
     async def some_published() -> bool:
@@ -244,7 +239,7 @@ async def test_verify_exits_zero_when_clean_and_five_when_something_is_lost(
     outbox: Settings, tmp_path: Path
 ) -> None:
     env = env_for(outbox)
-    ids = sorted(int(i) for i in enqueue_rows(outbox, 20))
+    ids = sorted(int(i) for i in emit_events(outbox, 20))
     with relay_process(env, tmp_path / "relay.log") as relay:
         await wait_until(lambda: drained(outbox), within=30)
         relay.signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ from outbox_relay.producer import Producer
 from outbox_relay.schema import migrate
 from outbox_relay.verify import Window, verify
 from tests.conftest import make_settings
-from tests.helpers import lag, wait_until
+from tests.helpers import drained, wait_until
 from tests.servers import Servers
 
 pytestmark = pytest.mark.slow
@@ -118,10 +118,6 @@ class Load:
                 await self._stop.wait()
         if conn is not None:
             await conn.close()
-
-
-async def drained(settings: Settings) -> bool:
-    return (await lag(settings)).pending == 0
 
 
 async def assert_nothing_lost_or_doubled(

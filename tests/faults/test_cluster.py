@@ -15,8 +15,8 @@ from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import connect_nats
 from tests.acceptance.cli import env_for, relay_process
 from tests.conftest import make_settings
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, drained, migrated
-from tests.helpers import wait_until
+from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, migrated
+from tests.helpers import drained, wait_until
 from tests.servers import Servers
 
 NODES = 3

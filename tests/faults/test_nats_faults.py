@@ -17,8 +17,8 @@ from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window
 from tests.acceptance.cli import env_for, relay_process
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, drained
-from tests.helpers import fetch_all, lag, running_relay, wait_until
+from tests.faults.conftest import Load, assert_nothing_lost_or_doubled
+from tests.helpers import drained, fetch_all, lag, running_relay, wait_until
 
 
 async def test_nats_stopped_30s_under_load_then_restarted(

@@ -14,8 +14,8 @@ from outbox_relay.embedded import EmbeddedPostgres
 from outbox_relay.producer import Producer
 from tests.acceptance.cli import env_for, relay_process
 from tests.conftest import make_settings
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, drained, migrated
-from tests.helpers import running_relay, wait_until
+from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, migrated
+from tests.helpers import drained, running_relay, wait_until
 from tests.servers import Servers
 
 

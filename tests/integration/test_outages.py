@@ -7,9 +7,10 @@ from nats.aio.client import Client as NATS
 from psycopg import sql
 
 from outbox_relay.config import Settings
-from outbox_relay.producer import Producer
 from tests.helpers import (
     assert_exactly_once,
+    drained,
+    emit_events,
     fetch_all,
     lag,
     running_relay,
@@ -17,19 +18,6 @@ from tests.helpers import (
     wait_until,
 )
 from tests.servers import Servers
-
-
-def emit(settings: Settings, count: int) -> set[str]:
-    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
-    with psycopg.connect(settings.database_url) as conn:
-        return {
-            str(producer.emit_event(conn, event_type="tick", execution_id=1, node_id=str(i)))
-            for i in range(count)
-        }
-
-
-async def drained(settings: Settings) -> bool:
-    return (await lag(settings)).pending == 0
 
 
 async def attempts(settings: Settings) -> list[int]:
@@ -46,18 +34,18 @@ async def test_nats_down_leaves_rows_pending_then_drains(
     if servers.nats is None:
         pytest.skip("needs a nats-server the tests own, to stop and start it")
     async with running_relay(outbox):
-        before = emit(outbox, 10)
+        before = emit_events(outbox, 10)
         await wait_until(lambda: drained(outbox))
         servers.nats.stop()
         try:
-            during = emit(outbox, 10)
+            during = emit_events(outbox, 10)
             await anyio.sleep(3)  # several publish attempts' worth of outage
             assert (await lag(outbox)).pending == 10
             assert await attempts(outbox) == [0] * 10  # not blamed
         finally:
             servers.nats.start()  # same port, same store
         await wait_until(lambda: drained(outbox), within=60)
-    assert_exactly_once(await stream_messages(nc, outbox), before | during)
+    assert_exactly_once(await stream_messages(nc, outbox), [*before, *during])
     assert (await lag(outbox)).dead_letters == 0
 
 
@@ -78,7 +66,7 @@ async def test_listener_killed_reconnects_and_wakes_again(outbox: Settings) -> N
                 )
                 assert [r[0] for r in await cur.fetchall()] == [True]
             await anyio.sleep(1.5)  # the listener backs off, reconnects, listens again
-            emit(settings, 1)
+            emit_events(settings, 1)
             # Only a notification can deliver this within the wait: the poll is 120 s.
             await wait_until(lambda: drained(settings), within=15)
 
@@ -88,7 +76,7 @@ async def test_relay_sessions_killed_mid_stream_lose_nothing(outbox: Settings, n
         **{k: getattr(outbox, k) for k in Settings.__dataclass_fields__ if k != "names"}
         | {"batch_size": 20}
     )
-    ids = emit(settings, 2000)
+    ids = emit_events(settings, 2000)
     killed = 0
     async with running_relay(settings, relay_id=f"victim-{settings.schema}") as relay:
         async with await psycopg.AsyncConnection.connect(

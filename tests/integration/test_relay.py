@@ -15,6 +15,8 @@ from outbox_relay.jetstream import ensure_stream
 from outbox_relay.producer import Producer
 from tests.helpers import (
     assert_exactly_once,
+    drained,
+    emit_events,
     fetch_all,
     lag,
     running_relay,
@@ -28,29 +30,6 @@ def producer_for(settings: Settings, **kwargs: Any) -> Producer:
     return Producer(schema=settings.schema, subject_prefix=settings.subject_prefix, **kwargs)
 
 
-def emit_many(settings: Settings, count: int, *, execution_id: int = 1) -> set[str]:
-    producer = producer_for(settings)
-    ids = set()
-    with psycopg.connect(settings.database_url) as conn:
-        for i in range(count):
-            with conn.transaction():
-                ids.add(
-                    str(
-                        producer.emit_event(
-                            conn,
-                            event_type=f"step.n{i % 3}",
-                            execution_id=execution_id,
-                            node_name=f"node-{i}",
-                        )
-                    )
-                )
-    return ids
-
-
-async def drained(settings: Settings) -> bool:
-    return (await lag(settings)).pending == 0
-
-
 def dead_letters(settings: Settings) -> sql.Composed:
     return sql.SQL(
         "SELECT event_id, subject, attempts, reason FROM {}.event_outbox_dead_letter ORDER BY id"
@@ -61,7 +40,7 @@ async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
     outbox: Settings, nc: NATS
 ) -> None:
     async with running_relay(outbox):
-        ids = emit_many(outbox, 50)
+        ids = emit_events(outbox, 50)
         await wait_until(lambda: drained(outbox))
     messages = await stream_messages(nc, outbox)
     assert_exactly_once(messages, ids)
@@ -77,7 +56,7 @@ async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
         assert message.headers is not None
         event_id = message.headers["Nats-Msg-Id"]
         assert message.data == payloads[event_id]  # the bytes, untouched
-        assert message.subject.startswith(f"{outbox.subject_prefix}.step.n")
+        assert message.subject == f"{outbox.subject_prefix}.test.event"
 
 
 async def test_rolled_back_events_never_reach_the_stream(outbox: Settings, nc: NATS) -> None:
@@ -86,7 +65,7 @@ async def test_rolled_back_events_never_reach_the_stream(outbox: Settings, nc: N
         with psycopg.connect(outbox.database_url) as conn, conn.transaction():
             producer.emit_event(conn, event_type="doomed", execution_id=1)
             raise psycopg.Rollback  # the application changes its mind
-        kept = emit_many(outbox, 1)
+        kept = emit_events(outbox, 1)
         await wait_until(lambda: drained(outbox))
     assert_exactly_once(await stream_messages(nc, outbox), kept)
 
@@ -133,7 +112,7 @@ async def test_notify_wakes_the_relay_long_before_the_poll_interval(
         await anyio.sleep(0.5)  # let the first poll pass; only a notification can wake it now
         for _ in range(3):
             started = time.monotonic()
-            emit_many(settings, 1)
+            emit_events(settings, 1)
             await wait_until(lambda: drained(settings), within=10)
             # Functional, not a benchmark: a relay that only polled would take 120 s.
             assert time.monotonic() - started < 10
@@ -148,7 +127,7 @@ async def test_poison_rows_are_retried_then_dead_lettered_without_blocking_other
         with psycopg.connect(settings.database_url) as conn:
             producer.enqueue(conn, subject="unbound.subject", payload=b"x", msg_id="poison-1")
             conn.commit()
-        good = emit_many(settings, 20)
+        good = emit_events(settings, 20)
         await wait_until(lambda: stream_has(nc, settings, 20))
         await wait_until(lambda: drained(settings))
     assert_exactly_once(await stream_messages(nc, settings), good)
@@ -180,13 +159,13 @@ async def test_payload_over_max_payload_once_headers_are_added(outbox: Settings,
                 msg_id="big-1",
             )
             conn.commit()
-        good = emit_many(settings, 5)
+        good = emit_events(settings, 5)
         await wait_until(lambda: drained(settings))
         assert_exactly_once(await stream_messages(nc, settings), good)
         # The connection survived: later rows still flow.
-        more = emit_many(settings, 5)
+        more = emit_events(settings, 5)
         await wait_until(lambda: drained(settings))
-    assert_exactly_once(await stream_messages(nc, settings), good | more)
+    assert_exactly_once(await stream_messages(nc, settings), [*good, *more])
     ((_, _, attempts, reason),) = await fetch_all(settings, dead_letters(settings))
     assert attempts == 1
     assert f"exceeds the server's max_payload of {limit} bytes" in reason
@@ -214,7 +193,7 @@ async def test_message_over_the_streams_max_msg_size_is_dead_lettered(
                 msg_id="too-big",
             )
             conn.commit()
-        good = emit_many(settings, 5)
+        good = emit_events(settings, 5)
         await wait_until(lambda: drained(settings))
     assert_exactly_once(await stream_messages(nc, settings), good)
     ((event_id, _, attempts, reason),) = await fetch_all(settings, dead_letters(settings))
@@ -226,12 +205,12 @@ async def test_two_relays_publish_each_row_once(outbox: Settings, nc: NATS) -> N
     settings = Settings(**{**_fields(outbox), "batch_size": 50})
     async with running_relay(settings, "a") as a, running_relay(settings, "b") as b:
         async with anyio.create_task_group() as tg:
-            results: list[set[str]] = []
+            results: list[list[str]] = []
 
             async def produce(execution_id: int) -> None:
                 results.append(
                     await anyio.to_thread.run_sync(
-                        lambda: emit_many(settings, 400, execution_id=execution_id)
+                        lambda: emit_events(settings, 400, execution_id=execution_id)
                     )
                 )
 
@@ -253,7 +232,7 @@ async def test_lag_counts_pending_rows_their_age_and_dead_letters(outbox: Settin
         "oldest_age_seconds": 0.0,
         "dead_letters": 0,
     }
-    emit_many(outbox, 3)
+    emit_events(outbox, 3)
     await anyio.sleep(0.2)
     current = await lag(outbox)
     assert current.pending == 3
@@ -264,10 +243,10 @@ async def test_lag_counts_pending_rows_their_age_and_dead_letters(outbox: Settin
 async def test_a_missing_stream_never_counts_against_rows(outbox: Settings, nc: NATS) -> None:
     js = nc.jetstream()
     async with running_relay(outbox):
-        first = emit_many(outbox, 3)
+        first = emit_events(outbox, 3)
         await wait_until(lambda: drained(outbox))
         await js.delete_stream(outbox.stream)
-        second = emit_many(outbox, 3)
+        second = emit_events(outbox, 3)
         await anyio.sleep(1.5)
         attempts = await fetch_all(
             outbox,
@@ -277,7 +256,7 @@ async def test_a_missing_stream_never_counts_against_rows(outbox: Settings, nc: 
         await ensure_stream(js, outbox)  # an operator restores it
         await wait_until(lambda: drained(outbox))
     assert_exactly_once(await stream_messages(nc, outbox), second)
-    assert first.isdisjoint(second)
+    assert set(first).isdisjoint(second)
     assert (await lag(outbox)).dead_letters == 0
 
 

@@ -1,5 +1,4 @@
 import anyio
-import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 from psycopg import sql
@@ -7,16 +6,8 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import ensure_stream
-from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
-from tests.helpers import lag, running_relay, wait_until
-
-
-def emit(settings: Settings, count: int) -> list[int]:
-    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
-    with psycopg.connect(settings.database_url) as conn:
-        return [producer.emit_event(conn, event_type="v", execution_id=1) for _ in range(count)]
-
+from tests.helpers import drained, emit_events, running_relay, wait_until
 
 ALL = Window()
 
@@ -28,13 +19,9 @@ async def run_verify(settings: Settings, nc: NATS, window: Window = ALL) -> dict
     return {k: summary[k] for k in ("ok", "pending", "lost", "duplicate", "unexpected")}
 
 
-async def drained(settings: Settings) -> bool:
-    return (await lag(settings)).pending == 0
-
-
 async def test_a_clean_run_is_all_ok(outbox: Settings, nc: NATS) -> None:
     async with running_relay(outbox):
-        ids = emit(outbox, 30)
+        ids = emit_events(outbox, 30)
         await wait_until(lambda: drained(outbox))
     assert await run_verify(outbox, nc) == {
         "ok": 30,
@@ -43,7 +30,7 @@ async def test_a_clean_run_is_all_ok(outbox: Settings, nc: NATS) -> None:
         "duplicate": 0,
         "unexpected": 0,
     }
-    assert (await run_verify(outbox, nc, Window(ids[10], ids[19])))["ok"] == 10
+    assert (await run_verify(outbox, nc, Window(int(ids[10]), int(ids[19]))))["ok"] == 10
 
 
 async def test_lost_pending_duplicate_and_unexpected_are_reported(
@@ -59,11 +46,11 @@ async def test_lost_pending_duplicate_and_unexpected_are_reported(
         )
     )
     await ensure_stream(js, outbox)
-    published = emit(outbox, 3)
+    published = emit_events(outbox, 3)
     async with running_relay(outbox):
         await wait_until(lambda: drained(outbox))
-    pending = emit(outbox, 2)  # no relay: they wait
-    lost = emit(outbox, 1)
+    pending = emit_events(outbox, 2)  # no relay: they wait
+    lost = emit_events(outbox, 1)
     async with await connect_postgres(outbox, autocommit=True) as conn:
         await conn.execute(
             sql.SQL("DELETE FROM {}.event_outbox WHERE event_id = %s").format(
