@@ -317,7 +317,9 @@ class Relay:
                         # Quiet for a while: make sure the connection is still alive.
                         with anyio.fail_after(_STATEMENT_TIMEOUT):
                             await conn.execute("SELECT 1")
-            except (psycopg.OperationalError, TimeoutError) as exc:
+            except (psycopg.Error, TimeoutError) as exc:
+                if not _connection_lost(exc, conn):
+                    raise
                 delay = backoff.next_delay()
                 log.warning(
                     "listener lost its connection (%s); reconnecting in %.1fs",
