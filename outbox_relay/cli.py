@@ -6,10 +6,12 @@ and a non-zero exit code (2 usage/config, 3 server unreachable, 4 not migrated).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -19,7 +21,7 @@ import orjson
 import psycopg
 
 from outbox_relay import config
-from outbox_relay.config import Settings, parse_duration, split_nats_urls
+from outbox_relay.config import Settings, format_duration, parse_duration, split_nats_urls
 from outbox_relay.database import connect_postgres
 from outbox_relay.dead_letters import (
     DeadLetterFilter,
@@ -259,23 +261,97 @@ async def run_until_signalled(relay: Relay) -> None:
 @cli.command("lag")
 @_with(DATABASE_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def lag_command(as_json: bool, **options: Any) -> None:
+@click.option(
+    "--max-age",
+    "max_age",
+    callback=_duration,
+    help="Exit 5 when the oldest pending row is older (a probe or cron check).",
+)
+@click.option("--max-pending", type=int, help="Exit 5 when more rows than this are pending.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option(
+    "--interval",
+    callback=_duration,
+    default="2s",
+    show_default=True,
+    help="Refresh interval of --watch.",
+)
+def lag_command(
+    as_json: bool,
+    max_age: float | None,
+    max_pending: int | None,
+    watch: bool,
+    interval: float,
+    **options: Any,
+) -> None:
     """Show pending rows, the oldest pending row's age and the dead letters."""
     settings = settings_from(options)
+    limits = LagLimits(max_age, max_pending)
+    if watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            _run_async(lambda: watch_lag(settings, limits, interval, as_json=as_json))
+        return
     lag = _run_async(lambda: read_lag(settings))
+    click.echo(_format_lag(lag, limits, as_json=as_json))
+    if problems := limits.exceeded(lag):
+        raise ThresholdExceeded("; ".join(problems))
+
+
+class ThresholdExceeded(OutboxError):
+    """The outbox is further behind than the operator allows."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True, slots=True)
+class LagLimits:
+    max_age: float | None = None
+    max_pending: int | None = None
+
+    def exceeded(self, lag: Lag) -> list[str]:
+        problems = []
+        if self.max_age is not None and lag.oldest_age_seconds > self.max_age:
+            problems.append(
+                f"oldest pending row is {lag.oldest_age_seconds:.1f}s old, over --max-age "
+                f"{format_duration(self.max_age)}"
+            )
+        if self.max_pending is not None and lag.pending > self.max_pending:
+            problems.append(f"{lag.pending} rows pending, over --max-pending {self.max_pending}")
+        return problems
+
+
+def _format_lag(lag: Lag, limits: LagLimits, *, as_json: bool) -> str:
     if as_json:
-        click.echo(orjson.dumps(lag.as_dict()).decode())
-    else:
-        click.echo(f"{'pending':<20}{lag.pending}")
-        click.echo(f"{'oldest age (s)':<20}{lag.oldest_age_seconds:.3f}")
-        click.echo(f"{'dead letters':<20}{lag.dead_letters}")
+        return orjson.dumps(lag.as_dict()).decode()
+    lines = [
+        f"{'pending':<20}{lag.pending}",
+        f"{'oldest age (s)':<20}{lag.oldest_age_seconds:.3f}",
+        f"{'dead letters':<20}{lag.dead_letters}",
+    ]
+    lines += [f"over limit: {problem}" for problem in limits.exceeded(lag)]
+    return "\n".join(lines)
 
 
 async def read_lag(settings: Settings) -> Lag:
     async with await connect_postgres(settings, autocommit=True) as conn:
         await ensure_migrated(conn, settings.names)
-        store = OutboxStore(settings.names, RetryPolicy())
-        return await store.lag(conn)
+        return await OutboxStore(settings.names, RetryPolicy()).lag(conn)
+
+
+async def watch_lag(
+    settings: Settings, limits: LagLimits, interval: float, *, as_json: bool
+) -> None:
+    """Print the lag every ``interval``: in place on a terminal, a line at a time otherwise."""
+    in_place = sys.stdout.isatty() and not as_json
+    store = OutboxStore(settings.names, RetryPolicy())
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        await ensure_migrated(conn, settings.names)
+        while True:
+            shown = _format_lag(await store.lag(conn), limits, as_json=as_json)
+            if in_place:
+                click.echo(f"\x1b[H\x1b[2J{datetime.now():%H:%M:%S}  outbox {settings.schema}")
+            click.echo(shown)
+            await anyio.sleep(interval)
 
 
 @cli.command("check")

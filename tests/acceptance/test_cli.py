@@ -1,6 +1,7 @@
 """The product as its users meet it: the ``outbox-relay`` command in its own process."""
 
 import signal
+import sys
 from pathlib import Path
 
 import anyio
@@ -262,3 +263,33 @@ async def test_verify_exits_zero_when_clean_and_five_when_something_is_lost(
     assert lost.returncode == 5
     assert orjson.loads(lost.stdout)["lost"] == 1
     assert "1 lost, 0 duplicate, 0 unexpected" in lost.stderr
+
+
+async def test_lag_thresholds_make_it_a_probe(outbox: Settings) -> None:
+    env = env_for(outbox)
+    emit_events(outbox, 3)
+    await anyio.sleep(1.1)
+    calm = await outbox_relay("lag", "--max-pending", "3", "--max-age", "1h", env=env)
+    assert calm.returncode == 0, calm.stderr
+    behind = await outbox_relay("lag", "--max-pending", "2", "--max-age", "1s", env=env)
+    assert behind.returncode == 5
+    assert "3 rows pending, over --max-pending 2" in behind.stderr
+    assert "s old, over --max-age 1s" in behind.stderr
+    assert "over limit: 3 rows pending" in behind.stdout
+
+
+async def test_lag_watch_refreshes_until_interrupted(outbox: Settings) -> None:
+    process = await anyio.open_process(
+        [sys.executable, "-m", "outbox_relay", "lag", "--watch", "--json", "--interval", "0.2s"],
+        env=env_for(outbox),
+    )
+    async with process:
+        await anyio.sleep(3)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            assert await process.wait() == 0
+        assert process.stdout is not None
+        output = (await process.stdout.receive()).decode()
+    reports = [orjson.loads(line) for line in output.splitlines()]
+    assert len(reports) >= 2
+    assert all(r["pending"] == 0 for r in reports)
