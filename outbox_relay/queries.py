@@ -7,6 +7,7 @@ Every configurable name reaches SQL through :class:`psycopg.sql.Identifier` or
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,6 +26,7 @@ SQL_DIR = next(
 )
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+IDLE_LOCK_CLASS = 0x4F52  # first key of our advisory locks ("OR"), an int4
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,12 @@ class Names:
             )
         if "\x00" in self.schema:
             raise ConfigError("schema name must not contain a NUL character")
+
+    @property
+    def idle_lock_object(self) -> int:
+        """Second key of the idle advisory lock: one lock per schema."""
+        # pg_locks shows the key's halves as oid (unsigned); keep it non-negative.
+        return zlib.crc32(self.channel.encode()) & 0x7FFFFFFF
 
     @property
     def channel(self) -> str:
@@ -75,6 +83,11 @@ class Names:
             "notify_function": q("event_outbox_notify"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
+            "idle_lock": sql.SQL("{}, {}").format(
+                sql.Literal(IDLE_LOCK_CLASS), sql.Literal(self.idle_lock_object)
+            ),
+            "idle_lock_class": sql.Literal(IDLE_LOCK_CLASS),
+            "idle_lock_object": sql.Literal(self.idle_lock_object),
             "channel_literal": sql.Literal(self.channel),
         }
 

@@ -9,6 +9,7 @@ collapsed by JetStream's duplicate window (the ``Nats-Msg-Id`` is the event id).
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -34,6 +35,14 @@ log = logging.getLogger(__name__)
 _STATEMENT_TIMEOUT = 30.0
 # How long the listener waits for a notification before it checks its connection.
 _LISTEN_PROBE_INTERVAL = 30.0
+# How soon to look again when producers are mid-commit as the relay goes idle.
+_IN_FLIGHT_RECHECK = 0.005
+
+
+class _Idle(enum.Enum):
+    BUSY = "busy"
+    ANNOUNCED = "announced"  # wake-ups assured; one more poll, then sleep
+    SLEPT = "slept"
 
 
 @dataclass(slots=True)
@@ -100,6 +109,8 @@ class Relay:
             RetryPolicy(settings.max_attempts, settings.retry_backoff, settings.retry_backoff_max),
         )
         self._wakeup = Wakeup()
+        self._idle = _Idle.BUSY
+        self._holds_idle_lock = False
         self._stopping = anyio.Event()
         self._started = anyio.Event()
         # Shown in pg_stat_activity, so an operator can tell which relay holds what.
@@ -200,9 +211,11 @@ class Relay:
             try:
                 with anyio.fail_after(batch_deadline):
                     claimed, result = await self._relay_batch(self._conn, publisher)
+                    wait = await self._after_batch(claimed)
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
                 if not _connection_lost(exc, self._conn):
                     raise
+                self._idle = _Idle.BUSY  # a session-level lock goes with its session
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await self._conn.close()
@@ -221,8 +234,37 @@ class Relay:
                 await self._pause(delay)
                 continue
             outage.reset()
-            if claimed < settings.batch_size:
-                await self._wakeup.wait(settings.poll_interval)
+            if wait:
+                await self._wakeup.wait(wait)
+
+    async def _after_batch(self, claimed: int) -> float:
+        """How long to wait before the next claim (0: at once).
+
+        A relay sleeps only after it has made sure producers will wake it: it holds
+        the idle lock, or sees another sleeping relay hold it, and has polled once
+        more since (sql/migrations/0002_idle_wakeup.sql).
+        """
+        if claimed or self._idle is _Idle.SLEPT:
+            await self._end_idle()
+        if claimed == self.settings.batch_size:
+            return 0
+        if self._idle is _Idle.ANNOUNCED:
+            self._idle = _Idle.SLEPT
+            return self.settings.poll_interval
+        if await self._store.take_idle_lock(self._conn):
+            self._holds_idle_lock = True
+        elif not await self._store.idle_lock_held_elsewhere(self._conn):
+            # Producers between their insert and their commit hold the lock shared;
+            # they will not notify, so look again shortly.
+            return _IN_FLIGHT_RECHECK
+        self._idle = _Idle.ANNOUNCED
+        return 0  # the last poll before sleeping
+
+    async def _end_idle(self) -> None:
+        if self._holds_idle_lock:
+            await self._store.release_idle_lock(self._conn)
+            self._holds_idle_lock = False
+        self._idle = _Idle.BUSY
 
     async def _usable_publisher(self) -> Publisher | None:
         """The publisher, rebuilt if its client gave up reconnecting and closed."""

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox_relay.queries import Names, query
 
@@ -61,6 +62,9 @@ class OutboxStore:
         self._delete = query("delete_published", names)
         self._record_failures = query("record_failures", names)
         self._lag = query("lag", names)
+        self._take_idle_lock = query("take_idle_lock", names)
+        self._idle_lock_held_elsewhere = query("idle_lock_held_elsewhere", names)
+        self._release_idle_lock = query("release_idle_lock", names)
         self._retry = retry
 
     async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[OutboxMessage]:
@@ -98,3 +102,24 @@ class OutboxStore:
         row = await cur.fetchone()
         assert row is not None
         return Lag(pending=int(row[0]), oldest_age_seconds=float(row[1]), dead_letters=int(row[2]))
+
+    # The idle lock (sql/migrations/0002_idle_wakeup.sql) is session-level: these run
+    # in short transactions of their own and the lock outlives them.
+
+    async def take_idle_lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Try to hold the idle lock; False while another relay or a producer holds it."""
+        return await self._flag(conn, self._take_idle_lock)
+
+    async def idle_lock_held_elsewhere(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether another relay sleeps holding the idle lock (so producers notify)."""
+        return await self._flag(conn, self._idle_lock_held_elsewhere)
+
+    async def release_idle_lock(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._flag(conn, self._release_idle_lock)
+
+    @staticmethod
+    async def _flag(conn: psycopg.AsyncConnection[Any], statement: sql.Composed) -> bool:
+        async with conn.transaction():
+            cur = await conn.execute(statement)
+            row = await cur.fetchone()
+        return bool(row and row[0])

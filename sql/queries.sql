@@ -149,3 +149,19 @@ SELECT event_id, subject, payload, headers, created_at FROM moved;
 
 -- name: dead_letters_purge
 DELETE FROM {dead_letter_table} WHERE {filter};
+
+-- name: take_idle_lock
+-- A relay about to sleep: see sql/migrations/0002_idle_wakeup.sql.
+SELECT pg_try_advisory_lock({idle_lock});
+
+-- name: idle_lock_held_elsewhere
+-- Another relay already sleeps holding the idle lock, so producers notify.
+SELECT EXISTS (
+    SELECT FROM pg_locks
+    WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+      AND classid::bigint = {idle_lock_class} AND objid::bigint = {idle_lock_object}
+      AND pid <> pg_backend_pid()
+);
+
+-- name: release_idle_lock
+SELECT pg_advisory_unlock({idle_lock});

@@ -1,0 +1,79 @@
+"""Producers notify only while a relay sleeps, and no wake-up is lost on the way."""
+
+import random
+import threading
+import time
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import sql
+
+from outbox_relay.config import Settings
+from outbox_relay.producer import Producer
+from outbox_relay.queries import IDLE_LOCK_CLASS
+from tests.helpers import drained, emit_events, running_relay, wait_until
+
+
+def slow_poll(settings: Settings) -> Settings:
+    fields: dict[str, Any] = {
+        k: getattr(settings, k) for k in Settings.__dataclass_fields__ if k != "names"
+    }
+    return Settings(**fields | {"poll_interval": 120.0})
+
+
+def notifications_after(settings: Settings, action: Any) -> int:
+    with psycopg.connect(settings.database_url, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(settings.names.channel)))
+        action()
+        return sum(1 for _ in listener.notifies(timeout=1.0))
+
+
+async def a_relay_sleeps(settings: Settings) -> bool:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND mode = 'ExclusiveLock' AND classid::bigint = %s AND objid::bigint = %s",
+            (IDLE_LOCK_CLASS, settings.names.idle_lock_object),
+        ).fetchone()
+    return bool(row and row[0])
+
+
+async def test_producers_skip_notify_unless_a_relay_sleeps(outbox: Settings) -> None:
+    settings = slow_poll(outbox)
+    # No relay sleeps: committing costs no NOTIFY.
+    assert notifications_after(settings, lambda: emit_events(settings, 5)) == 0
+    async with running_relay(settings):
+        await wait_until(lambda: drained(settings), within=10)
+        await wait_until(lambda: a_relay_sleeps(settings), within=10)
+        # A relay sleeps: the next commit wakes it, long before its 120 s poll.
+        started = time.monotonic()
+        assert notifications_after(settings, lambda: emit_events(settings, 1)) == 1
+        await wait_until(lambda: drained(settings), within=10)
+        assert time.monotonic() - started < 10
+
+
+async def test_no_wakeup_is_lost_around_idle_transitions(outbox: Settings) -> None:
+    settings = slow_poll(outbox)  # a lost wake-up would stall a round for 120 s
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+
+    def burst(worker: int, rng: random.Random) -> None:
+        with psycopg.connect(settings.database_url) as conn:
+            for _ in range(rng.randint(1, 5)):
+                producer.emit_event(conn, event_type="burst", execution_id=worker)
+                time.sleep(rng.uniform(0, 0.01))  # between insert and commit
+                conn.commit()
+
+    rng = random.Random(7)
+    async with running_relay(settings, "a"), running_relay(settings, "b"):
+        for _ in range(40):
+            threads = [
+                threading.Thread(target=burst, args=(w, random.Random(rng.random())))
+                for w in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                await anyio.to_thread.run_sync(thread.join)
+            await wait_until(lambda: drained(settings), within=10, interval=0.01)
+            await anyio.sleep(rng.uniform(0, 0.05))  # land anywhere in the relays' cycle
