@@ -6,7 +6,7 @@ Three wake-ups, side by side on the same server, with a relay draining throughou
 
 * ``none``: no notification at all (the relay only polls): the ceiling;
 * ``every``: NOTIFY in every transaction (the naive trigger);
-* ``idle-lock``: ours, notify only while a relay sleeps (sql/migrations/0002).
+* ``ours``: notify only while a relay sleeps (sql/migrations/0002_idle_wakeup.sql).
 
 ::
 
@@ -33,7 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
-from outbox_relay.queries import SQL_DIR, render
+from outbox_relay.queries import render
 from outbox_relay.relay import Relay
 from outbox_relay.schema import migrate
 
@@ -41,7 +41,7 @@ TRIGGER_BODIES = {
     "none": "BEGIN RETURN NULL; END",
     "every": "BEGIN PERFORM pg_notify({channel_literal}, ''); RETURN NULL; END",
 }
-MODES = ("none", "every", "idle-lock")
+MODES = ("none", "every", "ours")
 SCRIPT = """\\set eid random(1, 9000000000000000)
 BEGIN;
 INSERT INTO {schema}.event (execution_id, event_id, event_type) VALUES (:client_id, :eid, 'bench');
@@ -54,11 +54,22 @@ def pgbench_binary() -> str:
     return str(_commands.POSTGRES_BIN_PATH / "pgbench")
 
 
-async def set_wakeup(settings: Settings, mode: str) -> None:
+async def shipped_trigger(settings: Settings) -> str:
+    """Our trigger function's definition, as migrated, to restore between modes."""
     async with await connect_postgres(settings, autocommit=True) as conn:
-        if mode == "idle-lock":  # our migration's function, as shipped
-            text = (SQL_DIR / "migrations" / "0002_idle_wakeup.sql").read_text()
-            await conn.execute(render(text, settings.names))
+        cur = await conn.execute(
+            "SELECT pg_get_functiondef(%s::regproc)",
+            (sql.Identifier(settings.schema, "event_outbox_notify").as_string(),),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def set_wakeup(settings: Settings, mode: str, ours: str) -> None:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        if mode == "ours":
+            await conn.execute(ours.encode())  # the definition the server gave us
             return
         body = render(TRIGGER_BODIES[mode], settings.names).as_string()
         await conn.execute(
@@ -113,6 +124,7 @@ async def main(clients: list[int], seconds: int, rounds: int, output: Path | Non
         )
         async with await connect_postgres(settings) as conn:
             await migrate(conn, settings.names)
+        ours = await shipped_trigger(settings)
         script = Path(tempfile.mkdtemp()) / "producer.sql"
         script.write_text(
             SCRIPT.format(schema=f'"{settings.schema}"', prefix=settings.subject_prefix)
@@ -127,7 +139,7 @@ async def main(clients: list[int], seconds: int, rounds: int, output: Path | Non
                 samples: dict[str, list[float]] = {mode: [] for mode in MODES}
                 for _ in range(rounds):
                     for mode in MODES:
-                        await set_wakeup(settings, mode)
+                        await set_wakeup(settings, mode, ours)
                         samples[mode].append(await run_pgbench(settings, count, seconds, script))
                 results[str(count)] = {m: statistics.median(v) for m, v in samples.items()}
             relay.stop()
@@ -135,14 +147,11 @@ async def main(clients: list[int], seconds: int, rounds: int, output: Path | Non
         f"producer commits/s (event + outbox row per transaction), median of {rounds} "
         f"rounds of {seconds}s"
     )
-    print(
-        f"{'clients':>8}{'none':>10}{'every':>10}{'idle-lock':>11}"
-        f"{'every/none':>12}{'ours/none':>11}"
-    )
+    print(f"{'clients':>8}{'none':>10}{'every':>10}{'ours':>11}{'every/none':>12}{'ours/none':>11}")
     for clients_count, row in results.items():
         print(
-            f"{clients_count:>8}{row['none']:>10.0f}{row['every']:>10.0f}{row['idle-lock']:>11.0f}"
-            f"{row['every'] / row['none']:>12.2f}{row['idle-lock'] / row['none']:>11.2f}"
+            f"{clients_count:>8}{row['none']:>10.0f}{row['every']:>10.0f}{row['ours']:>11.0f}"
+            f"{row['every'] / row['none']:>12.2f}{row['ours'] / row['none']:>11.2f}"
         )
     if output:
         await anyio.Path(output).write_text(json.dumps(results, indent=2))

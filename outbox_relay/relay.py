@@ -215,7 +215,8 @@ class Relay:
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
                 if not _connection_lost(exc, self._conn):
                     raise
-                self._idle = _Idle.BUSY  # a session-level lock goes with its session
+                # A session-level lock goes with its session.
+                self._idle, self._holds_idle_lock = _Idle.BUSY, False
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await self._conn.close()

@@ -66,7 +66,7 @@ async def test_no_wakeup_is_lost_around_idle_transitions(outbox: Settings) -> No
 
     rng = random.Random(7)
     async with running_relay(settings, "a"), running_relay(settings, "b"):
-        for _ in range(40):
+        for _ in range(100):
             threads = [
                 threading.Thread(target=burst, args=(w, random.Random(rng.random())))
                 for w in range(4)
