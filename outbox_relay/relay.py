@@ -184,14 +184,18 @@ class Relay:
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_postgres(self.settings, application_name=self._application_name)
         idle_timeout = self.settings.claim_hold_bound
-        await conn.execute(
-            query("configure_session", self.settings.names),
-            {
-                "idle_in_transaction": f"{int(idle_timeout * 1000)}ms",
-                "statement_timeout": f"{int(_STATEMENT_TIMEOUT * 1000)}ms",
-            },
-        )
-        await conn.commit()
+        try:
+            await conn.execute(
+                query("configure_session", self.settings.names),
+                {
+                    "idle_in_transaction": f"{int(idle_timeout * 1000)}ms",
+                    "statement_timeout": f"{int(_STATEMENT_TIMEOUT * 1000)}ms",
+                },
+            )
+            await conn.commit()
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def _relay_loop(self) -> None:
@@ -290,7 +294,7 @@ class Relay:
     async def _reopen_session(self) -> None:
         # On failure the old, closed connection stays: the next batch fails fast and
         # backs off again.
-        with contextlib.suppress(ServerUnavailableError):
+        with contextlib.suppress(ServerUnavailableError, psycopg.OperationalError):
             self._conn = await self._open_session()
 
     async def _relay_batch(
