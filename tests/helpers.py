@@ -65,11 +65,16 @@ def assert_exactly_once(messages: list[Msg], expected: Iterable[str]) -> None:
     )
 
 
+def producer_for(settings: Settings, **kwargs: Any) -> Producer:
+    """A producer writing to the outbox ``settings`` relays."""
+    return Producer(schema=settings.schema, subject_prefix=settings.subject_prefix, **kwargs)
+
+
 def emit_events(
     settings: Settings, count: int, *, execution_id: int = 1, event_type: str = "test.event"
 ) -> list[str]:
     """Commit ``count`` events, one transaction each; return their ids as msg ids."""
-    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    producer = producer_for(settings)
     with psycopg.connect(settings.database_url) as conn:
         return [
             str(

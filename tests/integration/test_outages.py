@@ -1,5 +1,7 @@
 """Outages are waited out and never count against a row."""
 
+from dataclasses import replace
+
 import anyio
 import psycopg
 import pytest
@@ -50,10 +52,7 @@ async def test_nats_down_leaves_rows_pending_then_drains(
 
 
 async def test_listener_killed_reconnects_and_wakes_again(outbox: Settings) -> None:
-    settings = Settings(
-        **{k: getattr(outbox, k) for k in Settings.__dataclass_fields__ if k != "names"}
-        | {"poll_interval": 120.0}
-    )
+    settings = replace(outbox, poll_interval=120.0)
     async with running_relay(settings):
         for _ in range(3):
             async with await psycopg.AsyncConnection.connect(
@@ -72,10 +71,7 @@ async def test_listener_killed_reconnects_and_wakes_again(outbox: Settings) -> N
 
 
 async def test_relay_sessions_killed_mid_stream_lose_nothing(outbox: Settings, nc: NATS) -> None:
-    settings = Settings(
-        **{k: getattr(outbox, k) for k in Settings.__dataclass_fields__ if k != "names"}
-        | {"batch_size": 20}
-    )
+    settings = replace(outbox, batch_size=20)
     ids = emit_events(settings, 2000)
     killed = 0
     async with running_relay(settings, relay_id=f"victim-{settings.schema}") as relay:

@@ -10,12 +10,7 @@ from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.errors import InvalidHeadersError, InvalidSubjectError, PayloadTooLargeError
 from outbox_relay.ids import SnowflakeGenerator, split_id
-from outbox_relay.producer import Producer
-from tests.helpers import fetch_all
-
-
-def producer_for(settings: Settings, **kwargs: Any) -> Producer:
-    return Producer(schema=settings.schema, subject_prefix=settings.subject_prefix, **kwargs)
+from tests.helpers import fetch_all, producer_for
 
 
 def outbox_rows(settings: Settings) -> sql.Composed:

@@ -1,6 +1,6 @@
 import logging
 import time
-from typing import Any
+from dataclasses import replace
 
 import anyio
 import psycopg
@@ -12,22 +12,18 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import ensure_stream
-from outbox_relay.producer import Producer
 from tests.helpers import (
     assert_exactly_once,
     drained,
     emit_events,
     fetch_all,
     lag,
+    producer_for,
     running_relay,
     stream_count,
     stream_messages,
     wait_until,
 )
-
-
-def producer_for(settings: Settings, **kwargs: Any) -> Producer:
-    return Producer(schema=settings.schema, subject_prefix=settings.subject_prefix, **kwargs)
 
 
 def dead_letters(settings: Settings) -> sql.Composed:
@@ -103,7 +99,7 @@ async def test_an_existing_stream_is_left_untouched_with_a_warning(
 async def test_notify_wakes_the_relay_long_before_the_poll_interval(
     unmigrated: Settings, nc: NATS
 ) -> None:
-    settings = Settings(**{**_fields(unmigrated), "poll_interval": 120.0})
+    settings = replace(unmigrated, poll_interval=120.0)
     async with await connect_postgres(settings) as conn:
         from outbox_relay.schema import migrate
 
@@ -121,7 +117,7 @@ async def test_notify_wakes_the_relay_long_before_the_poll_interval(
 async def test_poison_rows_are_retried_then_dead_lettered_without_blocking_others(
     outbox: Settings, nc: NATS
 ) -> None:
-    settings = Settings(**{**_fields(outbox), "max_attempts": 3})
+    settings = replace(outbox, max_attempts=3)
     producer = producer_for(settings)
     async with running_relay(settings) as relay:
         with psycopg.connect(settings.database_url) as conn:
@@ -146,7 +142,7 @@ async def stream_has(nc: NATS, settings: Settings, count: int) -> bool:
 
 
 async def test_payload_over_max_payload_once_headers_are_added(outbox: Settings, nc: NATS) -> None:
-    settings = Settings(**{**_fields(outbox), "max_attempts": 1})
+    settings = replace(outbox, max_attempts=1)
     limit = nc.max_payload
     producer = producer_for(settings, max_payload=limit)
     # Under the server's limit by itself, over it with the Nats-Msg-Id header block.
@@ -174,7 +170,7 @@ async def test_payload_over_max_payload_once_headers_are_added(outbox: Settings,
 async def test_message_over_the_streams_max_msg_size_is_dead_lettered(
     outbox: Settings, nc: NATS
 ) -> None:
-    settings = Settings(**{**_fields(outbox), "max_attempts": 2})
+    settings = replace(outbox, max_attempts=2)
     await nc.jetstream().add_stream(
         StreamConfig(
             name=settings.stream,
@@ -202,7 +198,7 @@ async def test_message_over_the_streams_max_msg_size_is_dead_lettered(
 
 
 async def test_two_relays_publish_each_row_once(outbox: Settings, nc: NATS) -> None:
-    settings = Settings(**{**_fields(outbox), "batch_size": 50})
+    settings = replace(outbox, batch_size=50)
     async with running_relay(settings, "a") as a, running_relay(settings, "b") as b:
         async with anyio.create_task_group() as tg:
             results: list[list[str]] = []
@@ -258,9 +254,3 @@ async def test_a_missing_stream_never_counts_against_rows(outbox: Settings, nc: 
     assert_exactly_once(await stream_messages(nc, outbox), second)
     assert set(first).isdisjoint(second)
     assert (await lag(outbox)).dead_letters == 0
-
-
-def _fields(settings: Settings) -> dict[str, Any]:
-    return {
-        name: getattr(settings, name) for name in Settings.__dataclass_fields__ if name != "names"
-    }

@@ -3,6 +3,7 @@
 import random
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -16,10 +17,7 @@ from tests.helpers import drained, emit_events, running_relay, wait_until
 
 
 def slow_poll(settings: Settings) -> Settings:
-    fields: dict[str, Any] = {
-        k: getattr(settings, k) for k in Settings.__dataclass_fields__ if k != "names"
-    }
-    return Settings(**fields | {"poll_interval": 120.0})
+    return replace(settings, poll_interval=120.0)
 
 
 def notifications_after(settings: Settings, action: Any) -> int:
