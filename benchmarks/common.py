@@ -6,6 +6,8 @@ import os
 import uuid
 from contextlib import ExitStack
 
+from psycopg import sql
+
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
@@ -34,3 +36,15 @@ async def fresh_outbox(database_url: str, nats_url: str) -> Settings:
     async with await connect_postgres(settings) as conn:
         await migrate(conn, settings.names)
     return settings
+
+
+async def shipped_trigger(settings: Settings) -> str:
+    """Our trigger function's definition, as migrated, to restore between modes."""
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT pg_get_functiondef(%s::regproc)",
+            (sql.Identifier(settings.schema, "event_outbox_notify").as_string(),),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])

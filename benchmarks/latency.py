@@ -1,0 +1,130 @@
+"""End-to-end latency: from a producer's commit to the message on NATS.
+
+Producers commit events at a fixed rate; a plain NATS subscriber on the subjects
+notes when each arrives (the relay publishes before it waits for the PubAck, so
+this is commit → publish, a hair under commit → PubAck). The relay runs as its own
+process, as in production. Two wake-ups, side by side: NOTIFY (ours) and poll-only
+(no notification, a 100 ms poll)::
+
+    .venv/bin/python -m benchmarks.latency --rates 100 1000 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+
+import anyio
+import nats
+import psycopg
+from nats.aio.msg import Msg
+from psycopg import sql
+
+from benchmarks.common import fresh_outbox, servers, shipped_trigger
+from outbox_relay.config import Settings
+from outbox_relay.producer import Producer
+
+PRODUCERS = 8
+
+
+async def measure(settings: Settings, rate: int, seconds: float, poll: str) -> dict[str, float]:
+    committed: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    nc = await nats.connect(settings.nats_urls[0])
+
+    async def on_message(msg: Msg) -> None:
+        arrived[(msg.headers or {})["Nats-Msg-Id"]] = time.perf_counter()
+
+    await nc.subscribe(settings.subject_wildcard, cb=on_message)
+    env = {
+        **os.environ,
+        "OUTBOX_DATABASE_URL": settings.database_url,
+        "OUTBOX_NATS_URL": settings.nats_urls[0],
+        "OUTBOX_SCHEMA": settings.schema,
+        "OUTBOX_STREAM": settings.stream,
+        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
+        "OUTBOX_POLL_INTERVAL": poll,
+        "OUTBOX_LOG_LEVEL": "warning",
+    }
+    relay = await anyio.open_process([sys.executable, "-m", "outbox_relay", "run"], env=env)
+    await anyio.sleep(2)  # started and idle
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    interval = PRODUCERS / rate
+    deadline = time.perf_counter() + seconds
+
+    async def produce(worker: int) -> None:
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+            next_at = time.perf_counter() + worker * interval / PRODUCERS
+            while next_at < deadline:
+                await anyio.sleep(max(0.0, next_at - time.perf_counter()))
+                event_id = await producer.emit_event_async(
+                    conn, event_type="latency", execution_id=worker
+                )
+                await conn.commit()
+                committed[str(event_id)] = time.perf_counter()
+                next_at += interval
+
+    async with anyio.create_task_group() as tg:
+        for worker in range(PRODUCERS):
+            tg.start_soon(produce, worker)
+    with anyio.move_on_after(10):
+        while len(arrived) < len(committed):  # noqa: ASYNC110 - counting callbacks
+            await anyio.sleep(0.05)
+    relay.send_signal(signal.SIGTERM)
+    await relay.wait()
+    await nc.close()
+    latencies = sorted((arrived[i] - t) * 1000 for i, t in committed.items() if i in arrived)
+    cuts = statistics.quantiles(latencies, n=100)
+    return {
+        "achieved_rate": len(committed) / seconds,
+        "p50_ms": cuts[49],
+        "p99_ms": cuts[98],
+        "max_ms": latencies[-1],
+        "missing": len(committed) - len(latencies),
+    }
+
+
+async def set_notify(settings: Settings, enabled: bool, ours: str) -> None:
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as c:
+        if enabled:
+            await c.execute(ours.encode())
+        else:
+            await c.execute(
+                sql.SQL(
+                    "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql"
+                    " AS 'BEGIN RETURN NULL; END'"
+                ).format(sql.Identifier(settings.schema, "event_outbox_notify"))
+            )
+
+
+async def main(rates: list[int], seconds: float) -> None:
+    with ExitStack() as stack:
+        database_url, nats_url = servers(stack)
+        print(f"commit → publish latency, {seconds:g}s per cell, {PRODUCERS} producers")
+        print(f"{'mode':<22}{'rate':>7}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+        for rate in rates:
+            for mode, notify, poll in (
+                ("notify (ours)", True, "5s"),
+                ("poll 100ms", False, "100ms"),
+            ):
+                settings = await fresh_outbox(database_url, nats_url)
+                await set_notify(settings, notify, await shipped_trigger(settings))
+                r = await measure(settings, rate, seconds, poll)
+                print(
+                    f"{mode:<22}{rate:>7}{r['achieved_rate']:>10.0f}{r['p50_ms']:>9.1f}"
+                    f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}"
+                    + (f"  missing {r['missing']:.0f}" if r["missing"] else "")
+                )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--seconds", type=float, default=10)
+    args = parser.parse_args()
+    anyio.run(main, args.rates, args.seconds)
