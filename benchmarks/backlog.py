@@ -41,7 +41,7 @@ async def table_stats(settings: Settings) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-async def main(rows: int, payload: int) -> None:
+async def main(rows: int, payload: int) -> dict[str, float]:
     with ExitStack() as stack:
         settings = await fresh_outbox(*servers(stack))
         await preload(settings, rows, payload)
@@ -87,6 +87,16 @@ async def main(rows: int, payload: int) -> None:
         f"  outbox table {size_before / 2**20:.0f} MiB, {dead_before:,} dead tuples before; "
         f"{size_after / 2**20:.0f} MiB, {dead_after:,} dead tuples after"
     )
+
+    return {
+        "rows": rows,
+        "seconds": elapsed,
+        "rows_per_s": rows / elapsed,
+        "relay_peak_rss_mib": peak_rss / 2**20,
+        "table_mib_before": size_before / 2**20,
+        "table_mib_after": size_after / 2**20,
+        "dead_tuples_after": dead_after,
+    }
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
     return rows / elapsed
 
 
-async def main(rows: int, payload: int, rounds: int) -> None:
+async def main(rows: int, payload: int, rounds: int) -> dict[str, float]:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         relay_rates, ceiling_rates = [], []
@@ -96,6 +96,13 @@ async def main(rows: int, payload: int, rounds: int) -> None:
         print(f"  nats-py publish ceiling  {ceiling:10,.0f} msgs/s")
         print(f"  outbox-relay drain       {relay:10,.0f} rows/s")
         print(f"  relay / ceiling          {relay / ceiling:10.2f}")
+    return {
+        "rows": rows,
+        "payload_bytes": payload,
+        "ceiling_msgs_per_s": ceiling,
+        "relay_rows_per_s": relay,
+        "relay_over_ceiling": relay / ceiling,
+    }
 
 
 if __name__ == "__main__":

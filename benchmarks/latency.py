@@ -102,11 +102,12 @@ async def set_notify(settings: Settings, enabled: bool, ours: str) -> None:
             )
 
 
-async def main(rates: list[int], seconds: float) -> None:
+async def main(rates: list[int], seconds: float) -> list[dict[str, float | str]]:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         print(f"commit → publish latency, {seconds:g}s per cell, {PRODUCERS} producers")
         print(f"{'mode':<22}{'rate':>7}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+        rows: list[dict[str, float | str]] = []
         for rate in rates:
             for mode, notify, poll in (
                 ("notify (ours)", True, "5s"),
@@ -120,6 +121,8 @@ async def main(rates: list[int], seconds: float) -> None:
                     f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}"
                     + (f"  missing {r['missing']:.0f}" if r["missing"] else "")
                 )
+                rows.append({"mode": mode, "rate": rate, **r})
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Three wake-ups, side by side on the same server, with a relay draining throughou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -94,7 +93,7 @@ async def run_pgbench(settings: Settings, clients: int, seconds: int, script: Pa
     return float(match[1])
 
 
-async def main(clients: list[int], seconds: int, rounds: int, output: Path | None) -> None:
+async def main(clients: list[int], seconds: int, rounds: int) -> dict[str, dict[str, float]]:
     with ExitStack() as stack:
         settings = await fresh_outbox(*servers(stack))
         ours = await shipped_trigger(settings)
@@ -126,8 +125,7 @@ async def main(clients: list[int], seconds: int, rounds: int, output: Path | Non
             f"{clients_count:>8}{row['none']:>10.0f}{row['every']:>10.0f}{row['ours']:>11.0f}"
             f"{row['every'] / row['none']:>12.2f}{row['ours'] / row['none']:>11.2f}"
         )
-    if output:
-        await anyio.Path(output).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
@@ -135,6 +133,5 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
-    anyio.run(main, args.clients, args.seconds, args.rounds, args.json)
+    anyio.run(main, args.clients, args.seconds, args.rounds)
