@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import backlog, drain, latency, producer_overhead
+from benchmarks import backlog, drain, latency, producer_overhead, scaling
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -32,6 +32,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ),
         "latency": await latency.main([100, 1000, 5000], 10 / scale),
         "backlog": await backlog.main(1_000_000 // scale, 300),
+        "scaling": await scaling.main(100_000 // scale, [1, 2, 4]),
     }
 
 
