@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import signal
-import sys
 import time
 from contextlib import ExitStack
 
@@ -21,10 +18,11 @@ import anyio
 import psutil
 from psycopg import sql
 
-from benchmarks.common import fresh_outbox, servers
+from benchmarks.common import fresh_outbox, servers, start_relay, stop_relay
 from benchmarks.drain import preload
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
+from outbox_relay.store import OutboxStore, RetryPolicy
 
 TABLE_STATS = """
 SELECT pg_total_relation_size(%(table)s::regclass), coalesce(n_dead_tup, 0)
@@ -46,35 +44,20 @@ async def main(rows: int, payload: int) -> dict[str, float]:
         settings = await fresh_outbox(*servers(stack))
         await preload(settings, rows, payload)
         size_before, dead_before = await table_stats(settings)
-        env = {
-            **os.environ,
-            "OUTBOX_DATABASE_URL": settings.database_url,
-            "OUTBOX_NATS_URL": settings.nats_urls[0],
-            "OUTBOX_SCHEMA": settings.schema,
-            "OUTBOX_STREAM": settings.stream,
-            "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
-            "OUTBOX_MAX_AGE": "0",
-            "OUTBOX_LOG_LEVEL": "warning",
-        }
         started = time.perf_counter()
-        relay = await anyio.open_process([sys.executable, "-m", "outbox_relay", "run"], env=env)
+        relay = await start_relay(settings, OUTBOX_MAX_AGE="0")
         process = psutil.Process(relay.pid)
         peak_rss, samples = 0, []
+        store = OutboxStore(settings.names, RetryPolicy())
         async with await connect_postgres(settings, autocommit=True) as conn:
-            count = sql.SQL("SELECT count(*) FROM {}.event_outbox").format(
-                sql.Identifier(settings.schema)
-            )
             pending = rows
             while pending:
                 await anyio.sleep(1)
                 peak_rss = max(peak_rss, process.memory_info().rss)
-                cur = await conn.execute(count)
-                row = await cur.fetchone()
-                pending = int(row[0]) if row else 0
+                pending = (await store.lag(conn)).pending
                 samples.append((time.perf_counter() - started, pending))
         elapsed = time.perf_counter() - started
-        relay.send_signal(signal.SIGTERM)
-        await relay.wait()
+        await stop_relay(relay)
         size_after, dead_after = await table_stats(settings)
     print(
         f"backlog {rows:,} rows of {payload} B drained in {elapsed:.1f}s: {rows / elapsed:,.0f}/s"

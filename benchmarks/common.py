@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import uuid
 from contextlib import ExitStack
 
+import anyio
+from anyio.abc import Process
 from psycopg import sql
 
 from outbox_relay.config import Settings
@@ -48,3 +52,26 @@ async def shipped_trigger(settings: Settings) -> str:
         row = await cur.fetchone()
     assert row is not None
     return str(row[0])
+
+
+async def start_relay(settings: Settings, **env: str) -> Process:
+    """``outbox-relay run`` as a process of its own, as in production, for ``settings``.
+
+    ``env`` adds or overrides ``OUTBOX_*`` variables, e.g. ``OUTBOX_POLL_INTERVAL``.
+    """
+    configured = {
+        "OUTBOX_DATABASE_URL": settings.database_url,
+        "OUTBOX_NATS_URL": settings.nats_urls[0],
+        "OUTBOX_SCHEMA": settings.schema,
+        "OUTBOX_STREAM": settings.stream,
+        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
+        "OUTBOX_LOG_LEVEL": "warning",
+    }
+    return await anyio.open_process(
+        [sys.executable, "-m", "outbox_relay", "run"], env={**os.environ, **configured, **env}
+    )
+
+
+async def stop_relay(process: Process) -> None:
+    process.send_signal(signal.SIGTERM)
+    await process.wait()

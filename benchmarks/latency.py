@@ -12,10 +12,7 @@ process, as in production. Two wake-ups, side by side: NOTIFY (ours) and poll-on
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
-import sys
 import time
 from contextlib import ExitStack
 
@@ -25,7 +22,7 @@ import psycopg
 from nats.aio.msg import Msg
 from psycopg import sql
 
-from benchmarks.common import fresh_outbox, servers, shipped_trigger
+from benchmarks.common import fresh_outbox, servers, shipped_trigger, start_relay, stop_relay
 from outbox_relay.config import Settings
 from outbox_relay.producer import Producer
 
@@ -41,17 +38,7 @@ async def measure(settings: Settings, rate: int, seconds: float, poll: str) -> d
         arrived[(msg.headers or {})["Nats-Msg-Id"]] = time.perf_counter()
 
     await nc.subscribe(settings.subject_wildcard, cb=on_message)
-    env = {
-        **os.environ,
-        "OUTBOX_DATABASE_URL": settings.database_url,
-        "OUTBOX_NATS_URL": settings.nats_urls[0],
-        "OUTBOX_SCHEMA": settings.schema,
-        "OUTBOX_STREAM": settings.stream,
-        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
-        "OUTBOX_POLL_INTERVAL": poll,
-        "OUTBOX_LOG_LEVEL": "warning",
-    }
-    relay = await anyio.open_process([sys.executable, "-m", "outbox_relay", "run"], env=env)
+    relay = await start_relay(settings, OUTBOX_POLL_INTERVAL=poll)
     await anyio.sleep(2)  # started and idle
     producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
     interval = PRODUCERS / rate
@@ -75,8 +62,7 @@ async def measure(settings: Settings, rate: int, seconds: float, poll: str) -> d
     with anyio.move_on_after(10):
         while len(arrived) < len(committed):  # noqa: ASYNC110 - counting callbacks
             await anyio.sleep(0.05)
-    relay.send_signal(signal.SIGTERM)
-    await relay.wait()
+    await stop_relay(relay)
     await nc.close()
     latencies = sorted((arrived[i] - t) * 1000 for i, t in committed.items() if i in arrived)
     cuts = statistics.quantiles(latencies, n=100)

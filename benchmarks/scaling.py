@@ -6,49 +6,29 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import sys
 import time
 from contextlib import ExitStack
 
 import anyio
-from psycopg import sql
 
-from benchmarks.common import fresh_outbox, servers
+from benchmarks.common import fresh_outbox, servers, start_relay, stop_relay
 from benchmarks.drain import preload
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
+from outbox_relay.store import OutboxStore, RetryPolicy
 
 
 async def drain_with(settings: Settings, relays: int, rows: int) -> float:
     await preload(settings, rows, 300)
-    env = {
-        **os.environ,
-        "OUTBOX_DATABASE_URL": settings.database_url,
-        "OUTBOX_NATS_URL": settings.nats_urls[0],
-        "OUTBOX_SCHEMA": settings.schema,
-        "OUTBOX_STREAM": settings.stream,
-        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
-        "OUTBOX_LOG_LEVEL": "warning",
-    }
-    count = sql.SQL("SELECT count(*) FROM {}.event_outbox").format(sql.Identifier(settings.schema))
+    store = OutboxStore(settings.names, RetryPolicy())
     started = time.perf_counter()
-    processes = [
-        await anyio.open_process([sys.executable, "-m", "outbox_relay", "run"], env=env)
-        for _ in range(relays)
-    ]
+    processes = [await start_relay(settings) for _ in range(relays)]
     async with await connect_postgres(settings, autocommit=True) as conn:
-        while True:
-            cur = await conn.execute(count)
-            row = await cur.fetchone()
-            if not row or not row[0]:
-                break
+        while (await store.lag(conn)).pending:  # noqa: ASYNC110 - polls the database
             await anyio.sleep(0.05)
     elapsed = time.perf_counter() - started
     for process in processes:
-        process.send_signal(signal.SIGTERM)
-        await process.wait()
+        await stop_relay(process)
     return rows / elapsed
 
 
