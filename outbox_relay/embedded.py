@@ -153,11 +153,6 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
     def signal(self, signum: int) -> None:
         """Send a signal: SIGSTOP freezes the server, SIGCONT thaws it, SIGKILL kills it."""
         assert self._process is not None
