@@ -25,8 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 async def run_all(quick: bool) -> dict[str, Any]:
     scale = 10 if quick else 1
     return {
-        "drain": await drain.main(20_000 // scale, 300, 3),
-        "drain_4k": await drain.main(20_000 // scale, 4096, 3),
+        "drain": await drain.main(100_000 // scale, 300, 3),
+        "drain_4k": await drain.main(100_000 // scale, 4096, 3),
         "producer_overhead": await producer_overhead.main(
             [1, 8, 32, 64], 4 // min(scale, 2), 1 if quick else 3
         ),

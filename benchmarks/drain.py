@@ -1,9 +1,11 @@
-"""Drain throughput: our relay against the bare nats-py JetStream publish ceiling.
+"""Drain throughput: our relay against the bare nats-py publish ceiling and peer relays.
 
-Both run side by side in one process on the same servers, alternating, and the
-ratio is what to read (these machines are shared and noisy)::
+All run side by side in one process on the same servers, alternating round by round,
+and the ratios are what to read (these machines are shared and noisy)::
 
-    .venv/bin/python -m benchmarks.drain --rows 20000 --payload 300 --rounds 3
+    .venv/bin/python -m benchmarks.drain --rows 100000 --payload 300 --rounds 3
+
+Peer relays (``benchmarks/peers.py``) run when installed: ``pip install -e '.[bench]'``.
 
 Servers: ``OUTBOX_DATABASE_URL`` / ``OUTBOX_NATS_URL`` if set, else embedded ones.
 """
@@ -16,17 +18,19 @@ import statistics
 import time
 import uuid
 from contextlib import ExitStack
+from typing import Any
 
 import anyio
 import nats
 from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
+from benchmarks import peers
 from benchmarks.common import fresh_outbox, servers
+from benchmarks.peers import PeerDrain, timed_drain
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.relay import Relay
-from outbox_relay.store import OutboxStore, RetryPolicy
 
 
 async def preload(settings: Settings, rows: int, payload: int) -> None:
@@ -44,20 +48,14 @@ async def preload(settings: Settings, rows: int, payload: int) -> None:
         )
 
 
-async def relay_drain(settings: Settings, rows: int, payload: int) -> float:
+async def relay_drain(
+    database_url: str, nats_url: str, settings: Settings, rows: int, payload: int
+) -> float:
     await preload(settings, rows, payload)
-    store = OutboxStore(settings.names, RetryPolicy())
     relay = Relay(settings, relay_id="bench")
-    conn = await connect_postgres(settings, autocommit=True)
-    async with conn, anyio.create_task_group() as tg:
-        started = time.perf_counter()
-        tg.start_soon(relay.run)
-        while (await store.lag(conn)).pending:  # noqa: ASYNC110 - polls the database
-            await anyio.sleep(0.01)
-        elapsed = time.perf_counter() - started
-        relay.stop()
+    rate = await timed_drain(nats_url, settings, rows, lambda _js: relay.run())
     assert relay.stats.published == rows, relay.stats
-    return rows / elapsed
+    return rate
 
 
 async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
@@ -83,25 +81,30 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
     return rows / elapsed
 
 
-async def main(rows: int, payload: int, rounds: int) -> dict[str, float]:
+async def main(rows: int, payload: int, rounds: int) -> dict[str, Any]:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
-        relay_rates, ceiling_rates = [], []
+        drains: dict[str, PeerDrain] = {"outbox-relay": relay_drain, **peers.installed()}
+        rates: dict[str, list[float]] = {name: [] for name in ["nats-py ceiling", *drains]}
         for _ in range(rounds):
-            settings = await fresh_outbox(database_url, nats_url)
-            ceiling_rates.append(await nats_ceiling(nats_url, rows, payload))
-            relay_rates.append(await relay_drain(settings, rows, payload))
-        relay, ceiling = statistics.median(relay_rates), statistics.median(ceiling_rates)
-        print(f"rows {rows}, payload {payload} B, rounds {rounds} (medians)")
-        print(f"  nats-py publish ceiling  {ceiling:10,.0f} msgs/s")
-        print(f"  outbox-relay drain       {relay:10,.0f} rows/s")
-        print(f"  relay / ceiling          {relay / ceiling:10.2f}")
+            rates["nats-py ceiling"].append(await nats_ceiling(nats_url, rows, payload))
+            for name, drain in drains.items():
+                settings = await fresh_outbox(database_url, nats_url)
+                rates[name].append(await drain(database_url, nats_url, settings, rows, payload))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+    ours, ceiling = medians["outbox-relay"], medians["nats-py ceiling"]
+    peer_rates = {name: rate for name, rate in medians.items() if name in peers.PEERS}
+    best_peer = max(peer_rates, key=peer_rates.__getitem__, default=None)
+    print(f"rows {rows}, payload {payload} B, rounds {rounds} (medians, rows/s)")
+    for name, rate in medians.items():
+        print(f"  {name:18} {rate:10,.0f}   outbox-relay / this {ours / rate:6.2f}")
     return {
         "rows": rows,
         "payload_bytes": payload,
-        "ceiling_msgs_per_s": ceiling,
-        "relay_rows_per_s": relay,
-        "relay_over_ceiling": relay / ceiling,
+        "rows_per_s": medians,
+        "relay_over_ceiling": ours / ceiling,
+        "best_peer": best_peer,
+        "relay_over_best_peer": ours / peer_rates[best_peer] if best_peer else None,
     }
 
 
