@@ -66,6 +66,7 @@ async def start_relay(settings: Settings, **env: str) -> Process:
         "OUTBOX_STREAM": settings.stream,
         "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
         "OUTBOX_LOG_LEVEL": "warning",
+        "OUTBOX_METRICS_PORT": "0",
     }
     return await anyio.open_process(
         [sys.executable, "-m", "outbox_relay", "run"], env={**os.environ, **configured, **env}

@@ -66,8 +66,10 @@ async def scratch_database(url: str) -> AsyncIterator[str]:
 
 
 async def stream_holds(js: JetStreamContext, stream: str, rows: int) -> None:
-    while (await js.stream_info(stream)).state.messages < rows:  # noqa: ASYNC110 - polls NATS
+    while (held := (await js.stream_info(stream)).state.messages) < rows:  # noqa: ASYNC110
         await anyio.sleep(0.01)
+    # Every row once, no more: a relay that publishes twice does not win by it.
+    assert held == rows, f"stream holds {held} messages for {rows} rows"
 
 
 async def timed_drain(
