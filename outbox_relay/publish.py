@@ -195,6 +195,14 @@ class Publisher:
     async def close(self) -> None:
         await self._nc.close()
 
+    async def stream_exists(self) -> bool:
+        """Whether the stream is there (False too when JetStream does not answer)."""
+        try:
+            await self._js.stream_info(self._stream)
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True
+
     async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
         """Send every message without waiting, then collect the PubAcks together."""
         result = BatchResult()

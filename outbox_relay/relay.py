@@ -25,6 +25,8 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import connect_nats, ensure_stream
+from outbox_relay.logs import relay_id_context
+from outbox_relay.metrics import RelayMetrics, RelayState
 from outbox_relay.publish import BatchResult, Publisher
 from outbox_relay.queries import query
 from outbox_relay.schema import ensure_migrated
@@ -104,6 +106,10 @@ class Relay:
         self.settings = settings
         self.relay_id = relay_id or default_relay_id()
         self.stats = RelayStats()
+        self.metrics = RelayMetrics(
+            self.stats, relay_id=self.relay_id, stream=settings.stream, schema=settings.schema
+        )
+        self._connections = self.metrics.connections
         self._store = OutboxStore(
             settings.names,
             RetryPolicy(settings.max_attempts, settings.retry_backoff, settings.retry_backoff_max),
@@ -119,6 +125,8 @@ class Relay:
     def stop(self) -> None:
         """Stop claiming; the batch in flight is finished first. Safe from a signal task."""
         self._stopping.set()
+        self._connections.stopping = True
+        self.metrics.set_state(RelayState.STOPPING)
         self._wakeup.set()
 
     async def wait_started(self) -> None:
@@ -132,6 +140,7 @@ class Relay:
         outages are logged and waited out.
         """
         settings = self.settings
+        relay_id_context.set(self.relay_id)
         self._conn = await self._open_session()
         self._publisher: Publisher | None = None
         try:
@@ -139,6 +148,7 @@ class Relay:
             self._publisher = await self._connect_publisher()
             async with anyio.create_task_group() as tg:
                 await tg.start(self._listen)
+                tg.start_soon(self._watch)
                 log.info(
                     "relay %s started: schema %s, stream %s, batch size %d, poll interval %s",
                     self.relay_id,
@@ -148,6 +158,7 @@ class Relay:
                     format_duration(settings.poll_interval),
                 )
                 self._started.set()
+                self._connections.started = True
                 await self._relay_loop()
                 tg.cancel_scope.cancel()
         finally:
@@ -179,6 +190,7 @@ class Relay:
         except BaseException:
             await nc.close()
             raise
+        self._connections.nats = self._connections.stream = True
         return publisher
 
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
@@ -196,6 +208,7 @@ class Relay:
         except BaseException:
             await conn.close()
             raise
+        self._connections.postgres = True
         return conn
 
     async def _relay_loop(self) -> None:
@@ -206,6 +219,7 @@ class Relay:
         batch_deadline = settings.publish_timeout + 3 * _STATEMENT_TIMEOUT
         while not self._stopping.is_set():
             publisher = await self._usable_publisher()
+            self._connections.nats = publisher is not None and publisher.connected
             if publisher is None or not publisher.connected:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
@@ -221,6 +235,7 @@ class Relay:
                     raise
                 # A session-level lock goes with its session.
                 self._idle, self._holds_idle_lock = _Idle.BUSY, False
+                self._connections.postgres = False
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
                 await self._conn.close()
@@ -240,6 +255,8 @@ class Relay:
                 continue
             outage.reset()
             if wait:
+                if self._idle is _Idle.SLEPT:
+                    self.metrics.set_state(RelayState.IDLE)
                 await self._wakeup.wait(wait)
 
     async def _after_batch(self, claimed: int) -> float:
@@ -288,6 +305,8 @@ class Relay:
 
     async def _pause(self, seconds: float) -> None:
         """Sit out an outage: new rows do not end it, only time or stop() does."""
+        if not self._stopping.is_set():
+            self.metrics.set_state(RelayState.OUTAGE)
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
 
@@ -306,8 +325,11 @@ class Relay:
             messages = await self._store.claim(conn, self.settings.batch_size)
             if not messages:
                 return 0, BatchResult()
+            self.metrics.set_state(RelayState.BUSY)
+            self.metrics.batch_rows.observe(len(messages))
             failpoint(AFTER_CLAIM)
-            result = await publisher.publish_batch(messages)
+            with self.metrics.publish_seconds.time():
+                result = await publisher.publish_batch(messages)
             await self._store.delete(conn, result.published)
             outcome = await self._store.record_failures(conn, result.failures)
             failpoint(AFTER_ACK)
@@ -317,23 +339,79 @@ class Relay:
         stats.duplicates += result.duplicates
         stats.retried += outcome.retried
         stats.dead_lettered += outcome.dead_lettered
+        batch = stats.batches
         for failure in result.failures:
-            log.warning("outbox row %d failed: %s", failure.id, failure.reason)
+            log.warning(
+                "outbox row %d failed: %s",
+                failure.id,
+                failure.reason,
+                extra={"batch": batch, "outbox_id": failure.id},
+            )
         if outcome.dead_lettered:
             log.error(
                 "%d rows moved to the dead letters after %d attempts",
                 outcome.dead_lettered,
                 self.settings.max_attempts,
+                extra={"batch": batch, "dead_lettered": outcome.dead_lettered},
             )
+        if not log.isEnabledFor(logging.DEBUG):
+            return len(messages), result
         log.debug(
-            "batch: claimed %d, published %d (%d duplicates), failed %d, left %d",
+            "batch %d: claimed %d, published %d (%d duplicates), failed %d, left %d",
+            batch,
             len(messages),
             len(result.published),
             result.duplicates,
             len(result.failures),
             result.transient,
+            extra={
+                "batch": batch,
+                "claimed": len(messages),
+                "published": len(result.published),
+                "duplicates": result.duplicates,
+                "failed": len(result.failures),
+                "left": result.transient,
+            },
         )
         return len(messages), result
+
+    async def _watch(self) -> None:
+        """Refresh the lag gauges and what readiness checks, every ``lag_interval``.
+
+        A connection of its own: the relay's session is inside batch transactions and
+        the listener's is waiting for notifications.
+        """
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = await connect_postgres(
+                            self.settings,
+                            autocommit=True,
+                            application_name=self._application_name,
+                        )
+                    with anyio.fail_after(_STATEMENT_TIMEOUT):
+                        self.metrics.record_lag(await self._store.lag(conn))
+                    self._connections.postgres = not (self._conn.closed or self._conn.broken)
+                except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
+                    if conn is not None and not _connection_lost(exc, conn):
+                        raise
+                    self._connections.postgres = False
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                publisher = self._publisher
+                if publisher is not None and publisher.connected:
+                    self._connections.nats = True
+                    self._connections.stream = await publisher.stream_exists()
+                else:
+                    self._connections.nats = False
+                await anyio.sleep(self.settings.lag_interval)
+        finally:
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
 
     async def _listen(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Turn notifications into wake-ups; re-poll after every (re)connect."""

@@ -53,6 +53,9 @@ def make_settings(servers: Servers, **overrides: Any) -> Settings:
         "retry_backoff": 0.05,
         "retry_backoff_max": 0.2,
         "connect_timeout": 5.0,
+        # Many relays run side by side; a test that serves metrics picks its own port.
+        "metrics_port": 0,
+        "lag_interval": 0.2,
     }
     return Settings(**{**defaults, **overrides})
 

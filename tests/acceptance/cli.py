@@ -40,6 +40,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "OUTBOX_CONNECT_TIMEOUT": f"{settings.connect_timeout}s",
         "OUTBOX_BATCH_SIZE": str(settings.batch_size),
         "OUTBOX_MAX_ATTEMPTS": str(settings.max_attempts),
+        "OUTBOX_METRICS_PORT": str(settings.metrics_port),
+        "OUTBOX_LAG_INTERVAL": f"{settings.lag_interval}s",
     }
     return clean_env(**{**configured, **extra})
 

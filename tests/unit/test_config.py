@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from outbox_relay.config import (
+    NatsAuth,
     Settings,
     describe_database,
     format_duration,
@@ -8,6 +11,7 @@ from outbox_relay.config import (
     redact_url,
 )
 from outbox_relay.errors import ConfigError
+from outbox_relay.jetstream import auth_options
 
 
 @pytest.mark.parametrize(
@@ -86,3 +90,27 @@ def test_describe_database_never_shows_the_password() -> None:
     shown = describe_database("host=db user=app password=s3cret dbname=events")
     assert "s3cret" not in shown
     assert shown == "app@db/events"
+
+
+def test_nats_auth_is_checked_up_front(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not several"):
+        NatsAuth(token="t", user="u", password="p")
+    with pytest.raises(ConfigError, match="go together"):
+        NatsAuth(user="u")
+    with pytest.raises(ConfigError, match="go together"):
+        NatsAuth(tls_cert_file=__file__)
+    with pytest.raises(ConfigError, match="no such file"):
+        NatsAuth(creds_file=str(tmp_path / "missing.creds"))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="TLS files unusable"):
+        auth_options(NatsAuth(tls_ca_file=str(garbage)))
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    settings = Settings(
+        database_url="postgresql://app:db-s3cret@db/app",
+        nats_auth=NatsAuth(user="u", password="nats-s3cret"),
+    )
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in repr(NatsAuth(token="tok-s3cret"))
