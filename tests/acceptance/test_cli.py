@@ -1,7 +1,9 @@
 """The product as its users meet it: the ``outbox-relay`` command in its own process."""
 
 import signal
+import socket
 import sys
+import urllib.request
 from pathlib import Path
 
 import anyio
@@ -294,3 +296,61 @@ async def test_lag_watch_refreshes_until_interrupted(outbox: Settings) -> None:
     reports = [orjson.loads(line) for line in output.splitlines()]
     assert len(reports) >= 2
     assert all(r["pending"] == 0 for r in reports)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def test_run_logs_json_lines_and_serves_metrics_without_secrets(
+    outbox: Settings, tmp_path: Path
+) -> None:
+    port = _free_port()
+    database_url = outbox.database_url
+    if database_url.startswith("postgresql://") and ":" not in database_url.split("@")[0][13:]:
+        # Trust authentication ignores it; the point is that no log line shows it.
+        database_url = database_url.replace("@", ":pg-s3cret-91@", 1)
+    env = env_for(
+        outbox,
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_METRICS_PORT=str(port),
+        OUTBOX_METRICS_HOST="127.0.0.1",
+        OUTBOX_LOG_LEVEL="debug",
+        OUTBOX_NATS_URL=outbox.nats_urls[0],
+    )
+    with relay_process(env, tmp_path / "relay.log") as relay:
+        with psycopg.connect(outbox.database_url) as conn:
+            Producer(schema=outbox.schema, subject_prefix=outbox.subject_prefix).emit_event(
+                conn, event_type="test.secret", execution_id=1, node_name="payload-marker-5521"
+            )
+        await wait_until(lambda: drained(outbox), within=30)
+        base = f"http://127.0.0.1:{port}"
+        await wait_until(lambda: _ready(base), within=15)
+        metrics = await anyio.to_thread.run_sync(_get, f"{base}/metrics")
+        assert 'outbox_relay_events_total{outcome="ok"} 1.0' in metrics
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(timeout=15) == 0
+    lines = relay.output().splitlines()
+    records = [orjson.loads(line) for line in lines]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    batch = next(r for r in records if "claimed" in r)
+    assert batch["relay_id"].endswith(str(relay.process.pid))
+    assert batch["batch"] >= 1
+    assert batch["published"] == 1
+    assert "pg-s3cret-91" not in relay.output()
+    assert "payload-marker-5521" not in relay.output()
+
+
+async def _ready(base: str) -> bool:
+    try:
+        await anyio.to_thread.run_sync(_get, f"{base}/readyz")
+    except OSError:
+        return False
+    return True
