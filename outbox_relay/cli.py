@@ -39,8 +39,9 @@ from outbox_relay.errors import ConfigError, OutboxError
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.logs import LogFormat, configure_logging
 from outbox_relay.metrics import HealthServer
+from outbox_relay.queries import ROLE_PURPOSES
 from outbox_relay.relay import Relay
-from outbox_relay.schema import ensure_migrated, latest_version, migrate
+from outbox_relay.schema import ensure_migrated, grant_roles, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
 from outbox_relay.verify import Report, VerificationFailed, Window, verify
 
@@ -315,6 +316,22 @@ def migrate_command(**options: Any) -> None:
             for migration in applied:
                 click.echo(f"applied {migration.version:04d}_{migration.name}")
         click.echo(f"schema {settings.schema} is at version {latest_version()}")
+
+    _run_async(go)
+
+
+@cli.command("roles")
+@_with(DATABASE_OPTIONS)
+def roles_command(**options: Any) -> None:
+    """Create least-privilege group roles for producers, relays and operators (sql/roles.sql)."""
+    settings = settings_from(options)
+
+    async def go() -> None:
+        async with await connect_postgres(settings) as conn:
+            roles = await grant_roles(conn, settings.names)
+        for purpose, role in zip(ROLE_PURPOSES, roles, strict=True):
+            click.echo(f"{purpose:9} {role}")
+        click.echo("grant them to login roles: GRANT <role> TO <login>;")
 
     _run_async(go)
 

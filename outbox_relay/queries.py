@@ -26,6 +26,8 @@ SQL_DIR = next(
 )
 _QUERY_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
+# Group roles sql/roles.sql grants to, one per kind of user.
+ROLE_PURPOSES = ("producer", "relay", "operator")
 IDLE_LOCK_CLASS = 0x4F52  # first key of our advisory locks ("OR"), an int4
 
 
@@ -68,9 +70,14 @@ class Names:
         """Qualified, quoted name as text, for ``nextval``."""
         return self._qualified("event_outbox_instance").as_string()
 
+    def role(self, purpose: str) -> str:
+        """The group role for ``purpose`` (producer, relay, operator) of this schema."""
+        return f"{self.schema}_outbox_{purpose}"
+
     def identifiers(self) -> dict[str, sql.Composable]:
         q = self._qualified
         return {
+            **{f"{p}_role": sql.Identifier(self.role(p)) for p in ROLE_PURPOSES},
             "schema": sql.Identifier(self.schema),
             "event_table": q("event"),
             "event_table_literal": sql.Literal(q("event").as_string()),

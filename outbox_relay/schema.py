@@ -8,9 +8,10 @@ from functools import cache
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox_relay.errors import NotMigratedError
-from outbox_relay.queries import SQL_DIR, Names, query, render
+from outbox_relay.queries import ROLE_PURPOSES, SQL_DIR, Names, query, render
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -91,3 +92,23 @@ async def ensure_migrated(conn: psycopg.AsyncConnection[Any], names: Names) -> N
             f"the outbox schema {names.schema!r} is at version {version}, newer than this "
             f"relay knows ({expected}): upgrade outbox-relay"
         )
+
+
+async def grant_roles(conn: psycopg.AsyncConnection[Any], names: Names) -> list[str]:
+    """Create the group roles if missing and grant them ``sql/roles.sql``; return them.
+
+    Needs a migrated schema and a user allowed to create roles and grant on it.
+    """
+    await ensure_migrated(conn, names)
+    roles = [names.role(purpose) for purpose in ROLE_PURPOSES]
+    async with conn.transaction():
+        await conn.execute(
+            query("lock_migrations", names), {"lock_key": f"outbox-relay {names.schema}"}
+        )
+        for role in roles:
+            cur = await conn.execute(query("role_exists", names), {"role": role})
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                await conn.execute(query("create_role", names, role=sql.Identifier(role)))
+        await conn.execute(render((SQL_DIR / "roles.sql").read_text(encoding="utf-8"), names))
+    return roles

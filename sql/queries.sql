@@ -165,3 +165,9 @@ SELECT EXISTS (
 
 -- name: release_idle_lock
 SELECT pg_advisory_unlock({idle_lock});
+
+-- name: role_exists
+SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %(role)s);
+
+-- name: create_role
+CREATE ROLE {role} NOLOGIN;

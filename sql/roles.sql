@@ -1,0 +1,30 @@
+-- Least-privilege group roles for the outbox (applied by `outbox-relay roles`).
+-- Names are filled in as identifiers; the roles themselves are created first if
+-- missing (NOLOGIN: grant them to your login roles). Re-running is harmless.
+--
+-- producer: writes events and outbox rows, nothing else. RETURNING in emit_event
+--           reads back the event row it inserted, hence SELECT on the event table.
+-- relay:    claims, deletes and reschedules outbox rows, writes dead letters, reads
+--           the lag view and the schema version. No access to the event table.
+-- operator: the CLI's lag, dead-letters, verify and replay.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA {schema} FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA {schema} TO {producer_role}, {relay_role}, {operator_role};
+GRANT SELECT ON {migrations_table} TO {producer_role}, {relay_role}, {operator_role};
+
+GRANT INSERT, SELECT ON {event_table} TO {producer_role};
+GRANT INSERT, SELECT (id) ON {outbox_table} TO {producer_role};  -- RETURNING id
+GRANT USAGE ON SEQUENCE {instance_sequence} TO {producer_role};
+GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer) TO {producer_role};
+
+GRANT SELECT, UPDATE, DELETE ON {outbox_table} TO {relay_role};
+GRANT SELECT, INSERT ON {dead_letter_table} TO {relay_role};
+GRANT SELECT ON {lag_view} TO {relay_role}, {operator_role};
+
+GRANT SELECT ON {event_table} TO {operator_role};
+GRANT SELECT, INSERT ON {outbox_table} TO {operator_role};
+GRANT SELECT, DELETE ON {dead_letter_table} TO {operator_role};
+GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer) TO {operator_role};
