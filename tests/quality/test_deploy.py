@@ -1,0 +1,105 @@
+"""deploy/ stays true to the relay: valid manifests, rules and dashboard on real metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import promql_parser
+import pytest
+import yaml
+
+from outbox_relay.metrics import RelayMetrics
+from outbox_relay.relay import RelayStats
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+KUBERNETES_VERSION = "1.30.0"
+_METRIC = re.compile(r"\boutbox_relay_\w+")
+
+
+def exported_metric_names() -> set[str]:
+    metrics = RelayMetrics(RelayStats(), relay_id="test", stream="s", schema="noetl")
+    metrics.batch_rows.observe(1)
+    metrics.publish_seconds.observe(0.01)
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "outbox-relay.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_the_metric_names_follow_prometheus_conventions() -> None:
+    for name in exported_metric_names():
+        assert re.fullmatch(r"outbox_relay_[a-z0-9_]+", name), name
+        if name.endswith("_total"):
+            continue
+        # Units in the name, base units only.
+        assert not re.search(r"_(milliseconds|ms|bytes_total|percent)$", name), name
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [rule["expr"] for rule in alert_rules()] + dashboard_expressions(),
+)
+def test_every_expression_parses_and_uses_only_exported_metrics(expression: str) -> None:
+    promql_parser.parse(expression)  # raises on a syntax error
+    used = set(_METRIC.findall(expression))
+    assert used, f"no outbox-relay metric in {expression!r}"
+    assert used <= exported_metric_names(), used - exported_metric_names()
+
+
+def test_the_alerts_cover_lag_growth_dead_letters_and_a_relay_down() -> None:
+    names = {rule["alert"] for rule in alert_rules()}
+    assert {"OutboxLagHigh", "OutboxPendingGrowing", "OutboxDeadLetters", "OutboxRelayDown"} <= (
+        names
+    )
+    for rule in alert_rules():
+        assert rule["annotations"]["summary"], rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+
+
+def kubernetes_resources() -> list[tuple[str, dict[str, Any]]]:
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    return [
+        (name, document)
+        for name in kustomization["resources"]
+        for document in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text())
+    ]
+
+
+def test_every_manifest_file_is_in_the_kustomization() -> None:
+    listed = {name for name, _ in kubernetes_resources()}
+    on_disk = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+
+
+@pytest.mark.parametrize(("name", "resource"), kubernetes_resources())
+def test_kubernetes_manifests_validate_against_the_api_schema(
+    name: str, resource: dict[str, Any]
+) -> None:
+    kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_deployment_probes_the_relay_and_runs_several_replicas() -> None:
+    (deployment,) = [r for _, r in kubernetes_resources() if r["kind"] == "Deployment"]
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    config = next(r for _, r in kubernetes_resources() if r["kind"] == "ConfigMap")
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert str(port) == config["data"]["OUTBOX_METRICS_PORT"]
+    assert any(r["kind"] == "PodDisruptionBudget" for _, r in kubernetes_resources())
+    job = next(r for _, r in kubernetes_resources() if r["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
