@@ -34,6 +34,7 @@ from outbox_relay.dead_letters import (
     list_dead_letters,
     purge_dead_letters,
     retry_dead_letters,
+    show_dead_letter,
 )
 from outbox_relay.errors import ConfigError, OutboxError
 from outbox_relay.jetstream import connect_nats
@@ -576,38 +577,38 @@ def dead_letters_group() -> None:
 
 DEAD_LETTER_FILTERS = [
     click.option("--id", "ids", type=int, multiple=True, help="Dead letter id (repeatable)."),
+    click.option("--from-id", type=int, help="Lowest dead letter id."),
+    click.option("--to-id", type=int, help="Highest dead letter id."),
     click.option("--reason", help="Case-insensitive part of the reason."),
     click.option("--older-than", callback=_duration, help="Dead-lettered longer ago than this."),
 ]
 
 
-def _selection(
-    ids: tuple[int, ...], reason: str | None, older_than: float | None, everything: bool = False
-) -> DeadLetterFilter:
-    return DeadLetterFilter(ids or None, reason, older_than, everything)
+def _selection(options: dict[str, Any], everything: bool = False) -> DeadLetterFilter:
+    """The dead-letter filter options, taken out of ``options``."""
+    return DeadLetterFilter(
+        ids=options.pop("ids") or None,
+        from_id=options.pop("from_id"),
+        to_id=options.pop("to_id"),
+        reason=options.pop("reason"),
+        older_than=options.pop("older_than"),
+        everything=everything,
+    )
 
 
 @dead_letters_group.command("list")
 @_with([*DATABASE_OPTIONS, *DEAD_LETTER_FILTERS])
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def dead_letters_list(
-    ids: tuple[int, ...],
-    reason: str | None,
-    older_than: float | None,
-    limit: int,
-    as_json: bool,
-    **options: Any,
-) -> None:
+def dead_letters_list(limit: int, as_json: bool, **options: Any) -> None:
     """Show dead letters, oldest first."""
+    selection = _selection(options)
     settings = settings_from(options)
 
     async def go() -> list[dict[str, Any]]:
         async with await connect_postgres(settings, autocommit=True) as conn:
             await ensure_migrated(conn, settings.names)
-            return await list_dead_letters(
-                conn, settings.names, _selection(ids, reason, older_than), limit
-            )
+            return await list_dead_letters(conn, settings.names, selection, limit)
 
     for row in _run_async(go):
         if as_json:
@@ -620,21 +621,36 @@ def dead_letters_list(
             )
 
 
+@dead_letters_group.command("show")
+@_with(DATABASE_OPTIONS)
+@click.argument("dead_letter_id", type=int)
+def dead_letters_show(dead_letter_id: int, **options: Any) -> None:
+    """One dead letter whole, payload and headers included, as JSON."""
+    settings = settings_from(options)
+
+    async def go() -> dict[str, Any] | None:
+        async with await connect_postgres(settings, autocommit=True) as conn:
+            await ensure_migrated(conn, settings.names)
+            return await show_dead_letter(conn, settings.names, dead_letter_id)
+
+    row = _run_async(go)
+    if row is None:
+        raise ConfigError(
+            f"no dead letter {dead_letter_id}: `outbox-relay dead-letters list` shows them"
+        )
+    click.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2).decode())
+
+
 def _dead_letter_change(
     verb: str, change: Callable[..., Coroutine[Any, Any, int]]
 ) -> click.Command:
     @click.command(verb)
     @_with([*DATABASE_OPTIONS, *DEAD_LETTER_FILTERS])
     @click.option("--all", "everything", is_flag=True, help="Every dead letter.")
-    def command(
-        ids: tuple[int, ...],
-        reason: str | None,
-        older_than: float | None,
-        everything: bool,
-        **options: Any,
-    ) -> None:
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+    def command(everything: bool, as_json: bool, **options: Any) -> None:
+        selection = _selection(options, everything)
         settings = settings_from(options)
-        selection = _selection(ids, reason, older_than, everything)
 
         async def go() -> int:
             async with await connect_postgres(settings) as conn:
@@ -643,7 +659,11 @@ def _dead_letter_change(
                 await conn.commit()
                 return count
 
-        click.echo(f"{verb}: {_run_async(go)} dead letters")
+        count = _run_async(go)
+        if as_json:
+            click.echo(orjson.dumps({verb: count}).decode())
+        else:
+            click.echo(f"{verb}: {count} dead letters")
 
     return command
 

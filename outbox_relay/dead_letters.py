@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -18,17 +20,27 @@ class DeadLetterFilter:
     """Which dead letters a command acts on; fields left None do not filter."""
 
     ids: tuple[int, ...] | None = None
+    from_id: int | None = None
+    to_id: int | None = None
     reason: str | None = None  # case-insensitive substring of the reason
     older_than: float | None = None  # seconds since dead-lettered
     everything: bool = False  # required, for retry and purge, when nothing else is given
 
     @property
     def empty(self) -> bool:
-        return self.ids is None and self.reason is None and self.older_than is None
+        return (
+            self.ids is None
+            and self.from_id is None
+            and self.to_id is None
+            and self.reason is None
+            and self.older_than is None
+        )
 
     def params(self) -> dict[str, Any]:
         return {
             "ids": list(self.ids) if self.ids is not None else None,
+            "from_id": self.from_id,
+            "to_id": self.to_id,
             "reason": self.reason,
             "older_than": self.older_than,
         }
@@ -42,6 +54,28 @@ async def list_dead_letters(
             _query("dead_letters_list", names), {**selection.params(), "limit": limit}
         )
         return await cur.fetchall()
+
+
+async def show_dead_letter(
+    conn: psycopg.AsyncConnection[Any], names: Names, dead_letter_id: int
+) -> dict[str, Any] | None:
+    """One dead letter whole, its payload as JSON, text or base64 (whichever it is)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query("dead_letters_show", names), {"id": dead_letter_id})
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    payload = bytes(row.pop("payload"))
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        row["payload_base64"] = base64.b64encode(payload).decode()
+        return row
+    try:
+        row["payload"] = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        row["payload_text"] = text
+    return row
 
 
 async def retry_dead_letters(

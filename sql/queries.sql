@@ -125,6 +125,8 @@ WHERE event_id ~ '^-?[0-9]{{1,19}}$'
 -- name: dead_letter_filter
 -- Shared WHERE clause of the dead-letter commands; every filter is optional.
 (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+AND (%(from_id)s::bigint IS NULL OR id >= %(from_id)s)
+AND (%(to_id)s::bigint IS NULL OR id <= %(to_id)s)
 AND (%(reason)s::text IS NULL OR reason ILIKE '%%' || %(reason)s || '%%')
 AND (%(older_than)s::float8 IS NULL
      OR dead_lettered_at < now() - make_interval(secs => %(older_than)s::float8))
@@ -146,6 +148,12 @@ WITH moved AS (
 )
 INSERT INTO {outbox_table} (event_id, subject, payload, headers, created_at)
 SELECT event_id, subject, payload, headers, created_at FROM moved;
+
+-- name: dead_letters_show
+SELECT id, event_id, subject, headers, payload, attempts, reason, created_at,
+       dead_lettered_at
+FROM {dead_letter_table}
+WHERE id = %(id)s;
 
 -- name: dead_letters_purge
 DELETE FROM {dead_letter_table} WHERE {filter};

@@ -213,13 +213,27 @@ async def test_dead_letters_can_be_listed_retried_and_purged(
     assert (row["event_id"], row["subject"], row["attempts"]) == ("poison", "nobody.listens", 1)
     assert row["reason"] == "no stream binds subject nobody.listens"
 
+    shown = await outbox_relay("dead-letters", "show", str(row["id"]), env=env)
+    assert shown.returncode == 0, shown.stderr
+    whole = orjson.loads(shown.stdout)
+    assert (whole["payload_text"], whole["reason"]) == ("x", row["reason"])
+    missing = await outbox_relay("dead-letters", "show", str(row["id"] + 1000), env=env)
+    assert missing.returncode == 2
+    assert "dead-letters list" in missing.stderr
+
     refused = await outbox_relay("dead-letters", "purge", env=env)
     assert refused.returncode == 2
     assert "--all" in refused.stderr
+    outside = await outbox_relay(
+        "dead-letters", "purge", "--from-id", str(row["id"] + 1), "--json", env=env
+    )
+    assert orjson.loads(outside.stdout) == {"purge": 0}
 
     none = await outbox_relay("dead-letters", "retry", "--reason", "no such reason", env=env)
     assert none.stdout.strip() == "retry: 0 dead letters"
-    retried = await outbox_relay("dead-letters", "retry", "--id", str(row["id"]), env=env)
+    retried = await outbox_relay(
+        "dead-letters", "retry", "--from-id", str(row["id"]), "--to-id", str(row["id"]), env=env
+    )
     assert retried.stdout.strip() == "retry: 1 dead letters"
     assert (await lag(outbox)).as_dict() | {"oldest_age_seconds": 0} == {
         "pending": 1,
