@@ -36,14 +36,16 @@ from outbox_relay.dead_letters import (
     retry_dead_letters,
     show_dead_letter,
 )
-from outbox_relay.errors import ConfigError, OutboxError
+from outbox_relay.errors import ConfigError, InvalidSubjectError, OutboxError
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.logs import LogFormat, configure_logging
 from outbox_relay.metrics import HealthServer
 from outbox_relay.queries import ROLE_PURPOSES
 from outbox_relay.relay import Relay
+from outbox_relay.replay import ReplaySelection, replay
 from outbox_relay.schema import ensure_migrated, grant_roles, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
+from outbox_relay.subjects import validate_subject
 from outbox_relay.verify import Report, VerificationFailed, Window, verify
 
 log = logging.getLogger("outbox_relay")
@@ -505,31 +507,35 @@ def check_command(**options: Any) -> None:
     _run_async(go)
 
 
+WINDOW_OPTIONS = [
+    click.option("--from-id", type=int, help="First event id of the window."),
+    click.option("--to-id", type=int, help="Last event id of the window."),
+    click.option("--since", help="Window start: ISO time or a duration ago (e.g. 10m)."),
+    click.option("--until", help="Window end: ISO time or a duration ago."),
+]
+
+
+def _window(options: dict[str, Any]) -> Window:
+    """The event-id window of the WINDOW_OPTIONS, taken out of ``options``."""
+    from_id, to_id = options.pop("from_id"), options.pop("to_id")
+    since, until = options.pop("since"), options.pop("until")
+    if (from_id is not None or to_id is not None) and (since or until):
+        raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
+    if since or until:
+        return Window.between(_moment(since), _moment(until))
+    return Window(from_id, to_id)
+
+
 @cli.command("verify")
-@_with([*DATABASE_OPTIONS, *NATS_OPTIONS])
-@click.option("--from-id", type=int, help="First event id of the window.")
-@click.option("--to-id", type=int, help="Last event id of the window.")
-@click.option("--since", help="Window start: ISO time or a duration ago (e.g. 10m).")
-@click.option("--until", help="Window end: ISO time or a duration ago.")
+@_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify_command(
-    from_id: int | None,
-    to_id: int | None,
-    since: str | None,
-    until: str | None,
-    as_json: bool,
-    **options: Any,
-) -> None:
+def verify_command(as_json: bool, **options: Any) -> None:
     """Check every event id of a window: ok, pending, lost, duplicate or unexpected.
 
     Exits 5 when anything is lost, duplicated or unexpected.
     """
+    window = _window(options)
     settings = settings_from(options)
-    if (from_id is not None or to_id is not None) and (since or until):
-        raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
-    window = (
-        Window.between(_moment(since), _moment(until)) if since or until else Window(from_id, to_id)
-    )
 
     async def go() -> Report:
         async with await connect_postgres(settings, autocommit=True) as conn:
@@ -552,6 +558,54 @@ def verify_command(
             f"{summary['lost']} lost, {summary['duplicate']} duplicate, "
             f"{summary['unexpected']} unexpected"
         )
+
+
+@cli.command("replay")
+@_with([*DATABASE_OPTIONS, *WINDOW_OPTIONS])
+@click.option(
+    "--subject-prefix",
+    envvar="OUTBOX_SUBJECT_PREFIX",
+    default=config.DEFAULT_SUBJECT_PREFIX,
+    show_default=True,
+    help="Replayed subjects are <prefix>.<event_type>.",
+)
+@click.option("--execution-id", "execution_ids", type=int, multiple=True, help="Repeatable.")
+@click.option("--all", "everything", is_flag=True, help="Every event in the table.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def replay_command(
+    subject_prefix: str,
+    execution_ids: tuple[int, ...],
+    everything: bool,
+    dry_run: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Re-enqueue committed events from the event table, with their original event ids.
+
+    Inside the stream's duplicate window a replayed event is collapsed with its first
+    copy; use it for a new consumer's backfill or a lost stream.
+    """
+    selection = ReplaySelection(_window(options), execution_ids or None, everything)
+    settings = settings_from(options)
+    try:
+        validate_subject(subject_prefix)
+    except InvalidSubjectError as exc:
+        raise ConfigError(f"--subject-prefix: {exc}") from None
+
+    async def go() -> int:
+        async with await connect_postgres(settings) as conn:
+            await ensure_migrated(conn, settings.names)
+            count = await replay(conn, settings.names, subject_prefix, selection, dry_run=dry_run)
+            await conn.commit()
+            return count
+
+    count = _run_async(go)
+    verb = "would replay" if dry_run else "replayed"
+    if as_json:
+        click.echo(orjson.dumps({verb.replace(" ", "_"): count}).decode())
+    else:
+        click.echo(f"{verb} {count} events")
 
 
 def _moment(text: str | None) -> datetime | None:

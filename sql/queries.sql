@@ -179,3 +179,22 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %(role)s);
 
 -- name: create_role
 CREATE ROLE {role} NOLOGIN;
+
+-- name: replay_filter
+-- Which events a replay re-enqueues; every filter is optional.
+(%(execution_ids)s::bigint[] IS NULL OR e.execution_id = ANY(%(execution_ids)s::bigint[]))
+AND (%(from_id)s::bigint IS NULL OR e.event_id >= %(from_id)s)
+AND (%(to_id)s::bigint IS NULL OR e.event_id <= %(to_id)s)
+
+-- name: replay_count
+SELECT count(*) FROM {event_table} AS e WHERE {filter};
+
+-- name: replay_events
+-- The payload is rendered as emit_event renders it, so a replayed message carries the
+-- same bytes and the same msg id as the original.
+INSERT INTO {outbox_table} (event_id, subject, payload)
+SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
+       convert_to(to_jsonb(e)::text, 'UTF8')
+FROM {event_table} AS e
+WHERE {filter}
+ORDER BY e.execution_id, e.event_id;

@@ -368,3 +368,18 @@ async def _ready(base: str) -> bool:
     except OSError:
         return False
     return True
+
+
+async def test_replay_needs_a_selection_and_can_count_first(outbox: Settings) -> None:
+    emit_events(outbox, 3, execution_id=7)
+    env = env_for(outbox)
+    unbounded = await outbox_relay("replay", env=env)
+    assert unbounded.returncode == 2
+    assert "--all" in unbounded.stderr
+    counted = await outbox_relay("replay", "--execution-id", "7", "--dry-run", "--json", env=env)
+    assert orjson.loads(counted.stdout) == {"would_replay": 3}
+    both = await outbox_relay("replay", "--from-id", "1", "--since", "1h", env=env)
+    assert both.returncode == 2
+    replayed = await outbox_relay("replay", "--execution-id", "7", env=env)
+    assert replayed.stdout.strip() == "replayed 3 events"
+    assert (await lag(outbox)).pending == 6

@@ -1,0 +1,64 @@
+"""Re-enqueue committed events from the event table: a backfill, or a lost stream rebuilt.
+
+Replayed rows carry their original event id as msg id and the payload ``emit_event``
+would have written, so a replay inside the stream's duplicate window is collapsed by
+JetStream and one outside it adds the same message again. Headers the producer gave
+(a ``traceparent``, say) are not in the event table and are not replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from outbox_relay.errors import ConfigError
+from outbox_relay.queries import Names, query
+from outbox_relay.verify import Window
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySelection:
+    window: Window = field(default_factory=Window)
+    execution_ids: tuple[int, ...] | None = None
+    everything: bool = False  # required when nothing else narrows the replay
+
+    @property
+    def empty(self) -> bool:
+        return self.execution_ids is None and self.window == Window()
+
+    def params(self) -> dict[str, Any]:
+        ids = list(self.execution_ids) if self.execution_ids is not None else None
+        return {"execution_ids": ids, **self.window.params()}
+
+
+async def replay(
+    conn: psycopg.AsyncConnection[Any],
+    names: Names,
+    subject_prefix: str,
+    selection: ReplaySelection,
+    *,
+    dry_run: bool = False,
+) -> int:
+    """Enqueue the selected events again (or only count them); return how many."""
+    if selection.empty and not selection.everything:
+        raise ConfigError(
+            "select events with --execution-id, --from-id/--to-id or --since/--until, or pass --all"
+        )
+    filter_ = query("replay_filter", names)
+    if dry_run:
+        cur = await conn.execute(query("replay_count", names, filter=filter_), selection.params())
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+    try:
+        cur = await conn.execute(
+            query("replay_events", names, filter=filter_),
+            {**selection.params(), "subject_prefix": subject_prefix},
+        )
+    except psycopg.errors.CheckViolation as exc:
+        raise ConfigError(
+            "an event type in the selection does not make a valid NATS subject "
+            f"({exc.diag.message_primary}); narrow the selection"
+        ) from None
+    return cur.rowcount
