@@ -41,6 +41,10 @@ from outbox_relay.subjects import event_subject, validate_subject
 # Headers the relay sets on every message; a producer must not override them.
 RESERVED_HEADERS = frozenset({"nats-msg-id", "nats-expected-stream"})
 _HEADER_KEY = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ':' (RFC 7230 token-ish)
+# W3C Trace Context: version-trace_id-parent_id-flags, lowercase hex, ids not all zero.
+_TRACEPARENT = re.compile(
+    r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"
+)
 
 Headers = Mapping[str, str]
 _Statement = tuple[sql.Composed, dict[str, Any]]
@@ -230,6 +234,12 @@ def _headers_param(headers: Headers | None) -> Jsonb | None:
             raise InvalidHeadersError(f"header {key!r} is set by the relay and cannot be given")
         if not isinstance(value, str) or "\r" in value or "\n" in value:
             raise InvalidHeadersError(f"header {key!r} must be a one-line string")
+        if key.lower() == "traceparent" and not _TRACEPARENT.match(value):
+            # Carried to consumers as is: a malformed one would break their traces.
+            raise InvalidHeadersError(
+                f"traceparent {value!r} is not W3C Trace Context "
+                "(00-<32 hex trace id>-<16 hex span id>-<2 hex flags>)"
+            )
     return Jsonb(dict(headers), dumps=_dumps)
 
 

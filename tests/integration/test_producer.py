@@ -73,6 +73,9 @@ async def test_rollback_leaves_nothing_behind(
     assert await fetch_all(outbox, outbox_rows(outbox)) == []
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
 async def test_async_twins_write_the_same_rows(outbox: Settings) -> None:
     producer = producer_for(outbox)
     async with await connect_postgres(outbox) as conn:
@@ -82,13 +85,13 @@ async def test_async_twins_write_the_same_rows(outbox: Settings) -> None:
             subject="custom.subject",
             payload=b"\x00\xffraw",
             msg_id="custom-1",
-            headers={"traceparent": "00-abc-def-01"},
+            headers={"traceparent": TRACEPARENT},
         )
         await conn.commit()
     rows = await fetch_all(outbox, outbox_rows(outbox))
     assert [r[:4] for r in rows] == [
         (str(event_id), f"{outbox.subject_prefix}.a.b", rows[0][2], None),
-        ("custom-1", "custom.subject", b"\x00\xffraw", {"traceparent": "00-abc-def-01"}),
+        ("custom-1", "custom.subject", b"\x00\xffraw", {"traceparent": TRACEPARENT}),
     ]
     assert queue_id > 0
 
@@ -124,6 +127,8 @@ async def test_oversize_payloads_are_refused_before_commit(
         ({"Nats-Msg-Id": "x"}, "set by the relay"),
         ({"bad name": "x"}, "invalid header name"),
         ({"ok": "two\r\nlines"}, "one-line"),
+        ({"traceparent": "00-abc-def-01"}, "not W3C Trace Context"),
+        ({"traceparent": f"00-{'0' * 32}-b7ad6b7169203331-01"}, "not W3C Trace Context"),
     ],
 )
 async def test_bad_headers_are_refused(

@@ -1,6 +1,7 @@
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 import anyio
 import psycopg
@@ -53,6 +54,21 @@ async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
         event_id = message.headers["Nats-Msg-Id"]
         assert message.data == payloads[event_id]  # the bytes, untouched
         assert message.subject == f"{outbox.subject_prefix}.test.event"
+
+
+async def test_a_producers_trace_context_reaches_the_message(
+    outbox: Settings, nc: NATS, db: psycopg.Connection[Any]
+) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    headers = {"traceparent": traceparent, "tracestate": "congo=t61rcWkgMzE"}
+    producer_for(outbox).emit_event(db, event_type="traced", execution_id=1, headers=headers)
+    db.commit()
+    async with running_relay(outbox):
+        await wait_until(lambda: drained(outbox))
+    (message,) = await stream_messages(nc, outbox)
+    assert message.headers is not None
+    assert message.headers["traceparent"] == traceparent
+    assert message.headers["tracestate"] == "congo=t61rcWkgMzE"
 
 
 async def test_rolled_back_events_never_reach_the_stream(outbox: Settings, nc: NATS) -> None:
