@@ -48,6 +48,9 @@ class Names:
             )
         if "\x00" in self.schema:
             raise ConfigError("schema name must not contain a NUL character")
+        if "$" in self.schema:
+            # Our functions' bodies are dollar-quoted and name the schema inside.
+            raise ConfigError(f"schema name {self.schema!r} must not contain '$'")
 
     @property
     def idle_lock_object(self) -> int:

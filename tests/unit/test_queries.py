@@ -11,7 +11,7 @@ HOSTILE = ['we"ird', "Robert'); DROP TABLE students;--", "spa ce", "ünï"]
 
 def test_every_named_query_renders() -> None:
     names = Names("noetl")
-    extra = {"columns", "values", "filter"}
+    extra = {"columns", "values", "filter", "role"}
     for name in _named_queries():
         text = _named_queries()[name]
         needed = set(re.findall(r"(?<!\{)\{(\w+)\}(?!\})", text))
@@ -35,3 +35,9 @@ def test_migrations_are_numbered_from_one_without_gaps() -> None:
 def test_schema_names_too_long_for_postgres_are_refused() -> None:
     with pytest.raises(ConfigError):
         Names("s" * 40)
+
+
+@pytest.mark.parametrize("schema", ["a$$b", "$x"])
+def test_dollar_signs_are_refused_as_they_would_end_a_function_body(schema: str) -> None:
+    with pytest.raises(ConfigError, match=r"must not contain '\$'"):
+        Names(schema)
