@@ -494,7 +494,14 @@ def check_command(**options: Any) -> None:
     async def go() -> None:
         async with await connect_postgres(settings, autocommit=True) as conn:
             await ensure_migrated(conn, settings.names)
+            health = await OutboxStore(settings.names, RetryPolicy()).table_health(conn)
         click.echo(f"postgres: ok, schema {settings.schema} at version {latest_version()}")
+        click.echo(
+            f"outbox table: {health.live_rows:,} live rows, {health.dead_rows:,} dead, "
+            f"{health.size_bytes / 2**20:,.1f} MiB"
+        )
+        if warning := health.bloat_warning():
+            click.echo(f"warning: {warning}", err=True)
         nc = await connect_nats(settings, name="outbox-relay check")
         try:
             info = await nc.jetstream().stream_info(settings.stream)

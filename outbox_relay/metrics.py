@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
     from outbox_relay.relay import RelayStats
-    from outbox_relay.store import Lag
+    from outbox_relay.store import Lag, TableHealth
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,16 @@ class RelayMetrics:
             "Rows in the dead-letter table, as of the last lag refresh.",
             registry=registry,
         )
+        self.dead_rows = Gauge(
+            f"{PREFIX}_outbox_dead_tuples",
+            "Dead rows in the outbox table awaiting vacuum, as of the last lag refresh.",
+            registry=registry,
+        )
+        self.table_bytes = Gauge(
+            f"{PREFIX}_outbox_table_bytes",
+            "Size of the outbox table with its indexes, as of the last lag refresh.",
+            registry=registry,
+        )
         self.lag_refreshed = Gauge(
             f"{PREFIX}_lag_refresh_timestamp_seconds",
             "When the lag gauges were last refreshed (Unix time).",
@@ -171,10 +181,12 @@ class RelayMetrics:
     def set_state(self, state: RelayState) -> None:
         self._state.state(state.value)
 
-    def record_lag(self, lag: Lag) -> None:
+    def record_lag(self, lag: Lag, health: TableHealth) -> None:
         self.pending.set(lag.pending)
         self.oldest_age.set(lag.oldest_age_seconds)
         self.dead_letters.set(lag.dead_letters)
+        self.dead_rows.set(health.dead_rows)
+        self.table_bytes.set(health.size_bytes)
         self.lag_refreshed.set_to_current_time()
 
 

@@ -86,6 +86,7 @@ class Names:
             "event_table_literal": sql.Literal(q("event").as_string()),
             "event_default_partition_literal": sql.Literal(q("event_default").as_string()),
             "outbox_table": q("event_outbox"),
+            "outbox_table_literal": sql.Literal(q("event_outbox").as_string()),
             "dead_letter_table": q("event_outbox_dead_letter"),
             "lag_view": q("event_outbox_lag"),
             "migrations_table": q("event_outbox_migration"),

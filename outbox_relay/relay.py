@@ -382,6 +382,7 @@ class Relay:
         the listener's is waiting for notifications.
         """
         conn: psycopg.AsyncConnection[Any] | None = None
+        bloated = False  # warn when the table turns bloated, not on every refresh
         try:
             while True:
                 try:
@@ -392,7 +393,13 @@ class Relay:
                             application_name=self._application_name,
                         )
                     with anyio.fail_after(_STATEMENT_TIMEOUT):
-                        self.metrics.record_lag(await self._store.lag(conn))
+                        lag = await self._store.lag(conn)
+                        health = await self._store.table_health(conn)
+                    self.metrics.record_lag(lag, health)
+                    bloat = health.bloat_warning()
+                    if bloat and not bloated:
+                        log.warning("%s", bloat)
+                    bloated = bloat is not None
                     self._connections.postgres = not (self._conn.closed or self._conn.broken)
                 except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
                     if conn is not None and not _connection_lost(exc, conn):

@@ -44,6 +44,34 @@ class Lag:
 
 
 @dataclass(frozen=True, slots=True)
+class TableHealth:
+    """The outbox table's live and dead rows and size, as PostgreSQL's statistics see them."""
+
+    live_rows: int
+    dead_rows: int
+    size_bytes: int
+    since_vacuum_seconds: float | None  # None: never vacuumed
+
+    # Past this many dead rows, with more dead than live ones, claims slow down.
+    DEAD_ROWS_WARNING = 1_000_000
+
+    def bloat_warning(self) -> str | None:
+        if self.dead_rows < self.DEAD_ROWS_WARNING or self.dead_rows < self.live_rows:
+            return None
+        vacuumed = (
+            f"last vacuumed {self.since_vacuum_seconds / 60:.0f} min ago"
+            if self.since_vacuum_seconds is not None
+            else "never vacuumed"
+        )
+        return (
+            f"the outbox table is bloated: {self.dead_rows:,} dead rows, {self.live_rows:,} "
+            f"live, {self.size_bytes / 2**20:,.0f} MiB, {vacuumed}. Look for a long "
+            "transaction holding vacuum back (pg_stat_activity.backend_xmin) and check the "
+            "table's autovacuum settings (README: Retention)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FailureOutcome:
     retried: int
     dead_lettered: int
@@ -62,6 +90,7 @@ class OutboxStore:
         self._delete = query("delete_published", names)
         self._record_failures = query("record_failures", names)
         self._lag = query("lag", names)
+        self._table_health = query("table_health", names)
         self._take_idle_lock = query("take_idle_lock", names)
         self._idle_lock_held_elsewhere = query("idle_lock_held_elsewhere", names)
         self._release_idle_lock = query("release_idle_lock", names)
@@ -102,6 +131,13 @@ class OutboxStore:
         row = await cur.fetchone()
         assert row is not None
         return Lag(pending=int(row[0]), oldest_age_seconds=float(row[1]), dead_letters=int(row[2]))
+
+    async def table_health(self, conn: psycopg.AsyncConnection[Any]) -> TableHealth:
+        cur = await conn.execute(self._table_health)
+        row = await cur.fetchone()
+        assert row is not None
+        live, dead, size, since = row
+        return TableHealth(int(live), int(dead), int(size), None if since is None else float(since))
 
     # The idle lock (sql/migrations/0002_idle_wakeup.sql) is session-level: these run
     # in short transactions of their own and the lock outlives them.

@@ -198,3 +198,10 @@ SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
 FROM {event_table} AS e
 WHERE {filter}
 ORDER BY e.execution_id, e.event_id;
+
+-- name: table_health
+-- Live and dead rows, size and last vacuum of the outbox table, for the bloat check.
+SELECT s.n_live_tup, s.n_dead_tup, pg_total_relation_size(s.relid),
+       extract(epoch FROM now() - greatest(s.last_autovacuum, s.last_vacuum))
+FROM pg_stat_user_tables AS s
+WHERE s.relid = {outbox_table_literal}::regclass;

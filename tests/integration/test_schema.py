@@ -122,3 +122,15 @@ async def test_database_refuses_what_the_python_check_refuses(
             ),
             (subject, b"x", "id-1"),
         )
+
+
+async def test_the_outbox_table_carries_queue_autovacuum_settings(outbox: Settings) -> None:
+    rows = await fetch_all(
+        outbox,
+        "SELECT unnest(reloptions) FROM pg_class WHERE oid = %s::regclass",
+        (outbox.names.identifiers()["outbox_table"].as_string(),),
+    )
+    options = dict(row[0].split("=") for row in rows)
+    assert options["autovacuum_vacuum_scale_factor"] == "0"
+    assert options["autovacuum_vacuum_threshold"] == "10000"
+    assert options["autovacuum_vacuum_cost_delay"] == "0"

@@ -30,3 +30,16 @@ async def test_a_cleared_wakeup_waits_for_the_next_set() -> None:
     with anyio.move_on_after(0.2) as scope:
         await wakeup.wait(30)
     assert scope.cancelled_caught
+
+
+def test_bloat_is_reported_only_when_dead_rows_are_many_and_outnumber_live_ones() -> None:
+    from outbox_relay.store import TableHealth
+
+    many = TableHealth.DEAD_ROWS_WARNING
+    assert TableHealth(0, many - 1, 1, 5.0).bloat_warning() is None
+    assert TableHealth(many + 1, many, 1, 5.0).bloat_warning() is None
+    warning = TableHealth(10, many, 300 * 2**20, None).bloat_warning()
+    assert warning is not None
+    assert "1,000,000 dead rows" in warning
+    assert "never vacuumed" in warning
+    assert "backend_xmin" in warning
