@@ -17,8 +17,10 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home relay
 USER 10001
-# Healthy while both servers answer, the schema is current and the stream exists.
-HEALTHCHECK --interval=30s --timeout=15s --start-period=20s --retries=3 \
-    CMD ["outbox-relay", "check"]
+# /metrics, /healthz and /readyz (OUTBOX_METRICS_PORT).
+EXPOSE 9464
+# Healthy while /readyz says so: both servers connected and the stream present.
+HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('OUTBOX_METRICS_PORT', '9464'), timeout=5)"]
 ENTRYPOINT ["outbox-relay"]
 CMD ["run"]
