@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import psycopg
@@ -140,3 +145,23 @@ async def status_is(endpoint: Endpoint, status: int) -> bool:
 async def test_unknown_path_is_404(outbox: Settings) -> None:
     async with running_relay(outbox) as relay, served(relay) as endpoint:
         assert (await endpoint.get("/nope")).status == 404
+
+
+def _dockerfile_healthcheck() -> list[str]:
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.MULTILINE | re.DOTALL)
+    assert match, "the Dockerfile has no HEALTHCHECK in JSON form"
+    command: list[str] = json.loads(match[1])
+    return [sys.executable if command[0] == "python" else command[0], *command[1:]]
+
+
+async def test_the_container_health_check_follows_readiness(outbox: Settings) -> None:
+    command = _dockerfile_healthcheck()
+    async with running_relay(outbox) as relay, served(relay) as endpoint:
+        port = endpoint.base.rsplit(":", 1)[1]
+        env = {**os.environ, "OUTBOX_METRICS_PORT": port}
+        await wait_until(lambda: status_is(endpoint, 200))
+        assert (await anyio.run_process(command, env=env, check=False)).returncode == 0
+        relay.stop()  # not ready while stopping
+        await wait_until(lambda: status_is(endpoint, 503))
+        assert (await anyio.run_process(command, env=env, check=False)).returncode != 0
