@@ -1,9 +1,11 @@
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -134,3 +136,16 @@ async def test_the_outbox_table_carries_queue_autovacuum_settings(outbox: Settin
     assert options["autovacuum_vacuum_scale_factor"] == "0"
     assert options["autovacuum_vacuum_threshold"] == "10000"
     assert options["autovacuum_vacuum_cost_delay"] == "0"
+
+
+async def test_sslmode_and_friends_reach_libpq_untouched(outbox: Settings) -> None:
+    for mode in ("disable", "prefer"):
+        url = make_conninfo(outbox.database_url, sslmode=mode, sslcompression="0")
+        async with await connect_postgres(replace(outbox, database_url=url)) as conn:
+            # libpq ignores sslmode on a Unix socket, but it got it all the same.
+            used = {o.keyword.decode(): o.val for o in conn.pgconn.info}
+            assert used["sslmode"] == mode.encode()
+            cur = await conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            row = await cur.fetchone()
+            if mode == "disable":
+                assert row == (False,)

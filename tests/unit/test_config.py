@@ -114,3 +114,11 @@ def test_secrets_stay_out_of_repr() -> None:
     )
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in repr(NatsAuth(token="tok-s3cret"))
+
+
+def test_each_nats_auth_method_maps_to_its_client_option() -> None:
+    assert auth_options(NatsAuth()) == {}
+    assert auth_options(NatsAuth(user="u", password="p")) == {"user": "u", "password": "p"}
+    assert auth_options(NatsAuth(token="t")) == {"token": "t"}
+    assert auth_options(NatsAuth(creds_file=__file__)) == {"user_credentials": __file__}
+    assert auth_options(NatsAuth(nkey_seed_file=__file__)) == {"nkeys_seed": __file__}
