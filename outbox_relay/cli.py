@@ -214,6 +214,19 @@ RELAY_OPTIONS = [
         help="How long a batch waits for its PubAcks.",
     ),
     _option(
+        "--ordering/--no-ordering",
+        envvar="OUTBOX_ORDERING",
+        default=True,
+        help="Publish each ordering key's rows one relay at a time, in commit order.",
+    ),
+    _option(
+        "--dead-letter-policy",
+        envvar="OUTBOX_DEAD_LETTER_POLICY",
+        type=click.Choice(["hold", "skip"]),
+        default="hold",
+        help="After a keyed row is dead-lettered: hold its key's later rows, or skip it.",
+    ),
+    _option(
         "--metrics-host",
         envvar="OUTBOX_METRICS_HOST",
         default=config.DEFAULT_METRICS_HOST,
@@ -264,8 +277,11 @@ def settings_from(options: dict[str, Any]) -> Settings:
         "metrics_host",
         "metrics_port",
         "lag_interval",
+        "dead_letter_policy",
     }
     kwargs = {k: v for k, v in options.items() if k in known}
+    if "ordering" in options:
+        kwargs["ordered"] = options["ordering"]
     if "nats_url" in options:
         kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
         kwargs["nats_auth"] = NatsAuth(
@@ -458,6 +474,7 @@ def _format_lag(lag: Lag, limits: LagLimits, *, as_json: bool) -> str:
         f"{'pending':<20}{lag.pending}",
         f"{'oldest age (s)':<20}{lag.oldest_age_seconds:.3f}",
         f"{'dead letters':<20}{lag.dead_letters}",
+        f"{'held by them':<20}{lag.held}",
     ]
     lines += [f"over limit: {problem}" for problem in limits.exceeded(lag)]
     return "\n".join(lines)

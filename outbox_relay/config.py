@@ -129,6 +129,10 @@ class Settings:
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int = DEFAULT_METRICS_PORT
     lag_interval: float = 10.0
+    # Keyed rows one relay at a time, in commit order (README: Ordering).
+    ordered: bool = True
+    # A dead-lettered keyed row: "hold" its key's later rows, or "skip" past it.
+    dead_letter_policy: str = "hold"
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +156,10 @@ class Settings:
         _require(1 <= self.batch_size <= 10_000, "batch size must be between 1 and 10000")
         _require(self.max_attempts >= 1, "max attempts must be at least 1")
         _require(0 <= self.metrics_port <= 65535, "metrics port must be between 0 and 65535")
+        _require(
+            self.dead_letter_policy in {"hold", "skip"},
+            f"dead letter policy must be hold or skip, not {self.dead_letter_policy!r}",
+        )
         for name in (
             "poll_interval",
             "retry_backoff",

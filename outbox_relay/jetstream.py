@@ -62,7 +62,9 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
         await nc.close()
         if not isinstance(exc, TimeoutError):
             errors.append(str(exc) or type(exc).__name__)
-        reason = errors[-1] if errors else "timed out"
+        # A refusal (credentials, certificate) explains more than the reset after it.
+        telling = [e for e in errors if _connect_hint(e) is not _GENERIC_HINT]
+        reason = (telling or errors or ["timed out"])[-1]
         raise ServerUnavailableError(
             f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
             f"({reason}): {_connect_hint(reason)}"
@@ -79,9 +81,12 @@ def _connect_hint(reason: str) -> str:
         )
     if "certificate" in lowered or "ssl" in lowered or "tls" in lowered:
         return "check --nats-tls-ca, --nats-tls-cert and --nats-tls-key and the URL's host"
-    return (
-        "check --nats-url / OUTBOX_NATS_URL and that nats-server runs with JetStream enabled (-js)"
-    )
+    return _GENERIC_HINT
+
+
+_GENERIC_HINT = (
+    "check --nats-url / OUTBOX_NATS_URL and that nats-server runs with JetStream enabled (-js)"
+)
 
 
 def auth_options(auth: NatsAuth) -> dict[str, Any]:

@@ -59,6 +59,9 @@ class Producer:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     # None: lease an instance number from the database on first use (see ids.py).
     ids: SnowflakeGenerator | None = None
+    # The event column whose value orders an event's delivery among its key's
+    # (README: Ordering); None leaves events unordered.
+    ordering_key: str | None = "execution_id"
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,11 +69,14 @@ class Producer:
         validate_subject(self.subject_prefix)
         if self.max_payload < 1:
             raise ConfigError("max payload must be at least 1 byte")
+        if self.ordering_key == "":
+            raise ConfigError("ordering key column must be a column name, or None")
 
     @classmethod
     def from_env(cls) -> Producer:
         """Configured by ``OUTBOX_SCHEMA``, ``OUTBOX_SUBJECT_PREFIX``,
-        ``OUTBOX_MAX_PAYLOAD`` and ``OUTBOX_SHARD_ID``."""
+        ``OUTBOX_MAX_PAYLOAD``, ``OUTBOX_SHARD_ID`` and ``OUTBOX_ORDERING_KEY`` (an
+        event column, ``execution_id`` by default; empty: unordered)."""
         raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
         try:
             max_payload = int(raw_max)
@@ -82,6 +88,7 @@ class Producer:
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
             max_payload=max_payload,
             ids=None if shard_id is None else SnowflakeGenerator(shard_id),
+            ordering_key=os.environ.get("OUTBOX_ORDERING_KEY", "execution_id") or None,
         )
 
     # -- NoETL events -------------------------------------------------------------
@@ -139,9 +146,15 @@ class Producer:
         payload: bytes,
         msg_id: str,
         headers: Headers | None = None,
+        ordering_key: str | None = None,
     ) -> int:
-        """Queue ``payload`` for ``subject`` with ``Nats-Msg-Id: msg_id``; return the queue id."""
-        return _execute(conn, self._enqueue_statement(subject, payload, msg_id, headers))
+        """Queue ``payload`` for ``subject`` with ``Nats-Msg-Id: msg_id``; return the queue id.
+
+        Rows with the same ``ordering_key`` are published in commit order.
+        """
+        return _execute(
+            conn, self._enqueue_statement(subject, payload, msg_id, headers, ordering_key)
+        )
 
     async def enqueue_async(
         self,
@@ -151,10 +164,11 @@ class Producer:
         payload: bytes,
         msg_id: str,
         headers: Headers | None = None,
+        ordering_key: str | None = None,
     ) -> int:
         """:meth:`enqueue` for an :class:`psycopg.AsyncConnection`."""
         return await _execute_async(
-            conn, self._enqueue_statement(subject, payload, msg_id, headers)
+            conn, self._enqueue_statement(subject, payload, msg_id, headers, ordering_key)
         )
 
     # -- event ids ----------------------------------------------------------------------
@@ -193,16 +207,27 @@ class Producer:
             "headers": _headers_param(headers),
             "max_payload": self.max_payload,
         }
+        key = (
+            sql.SQL("{}::text").format(sql.Identifier("event", self.ordering_key))
+            if self.ordering_key
+            else sql.NULL
+        )
         statement = query(
             "emit_event",
             self.names,
             columns=sql.SQL(", ").join(sql.Identifier(name) for name in row),
             values=sql.SQL(", ").join(sql.Placeholder(f"col_{name}") for name in row),
+            ordering_key=key,
         )
         return statement, params
 
     def _enqueue_statement(
-        self, subject: str, payload: bytes, msg_id: str, headers: Headers | None
+        self,
+        subject: str,
+        payload: bytes,
+        msg_id: str,
+        headers: Headers | None,
+        ordering_key: str | None,
     ) -> _Statement:
         validate_subject(subject)
         if not isinstance(payload, bytes | bytearray | memoryview):
@@ -220,6 +245,7 @@ class Producer:
             "event_id": msg_id,
             "headers": _headers_param(headers),
             "max_payload": self.max_payload,
+            "ordering_key": ordering_key,
         }
         return query("enqueue", self.names), params
 
@@ -322,10 +348,16 @@ def enqueue(
     payload: bytes,
     msg_id: str,
     headers: Headers | None = None,
+    ordering_key: str | None = None,
 ) -> int:
     """:meth:`Producer.enqueue` with the default producer."""
     return default_producer().enqueue(
-        conn, subject=subject, payload=payload, msg_id=msg_id, headers=headers
+        conn,
+        subject=subject,
+        payload=payload,
+        msg_id=msg_id,
+        headers=headers,
+        ordering_key=ordering_key,
     )
 
 
@@ -336,8 +368,14 @@ async def enqueue_async(
     payload: bytes,
     msg_id: str,
     headers: Headers | None = None,
+    ordering_key: str | None = None,
 ) -> int:
     """:meth:`Producer.enqueue_async` with the default producer."""
     return await default_producer().enqueue_async(
-        conn, subject=subject, payload=payload, msg_id=msg_id, headers=headers
+        conn,
+        subject=subject,
+        payload=payload,
+        msg_id=msg_id,
+        headers=headers,
+        ordering_key=ordering_key,
     )

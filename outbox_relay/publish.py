@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +26,9 @@ from outbox_relay.store import Failure, OutboxMessage
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+# On keyed rows: the key, and the outbox id, which orders a key's rows as committed.
+ORDERING_KEY_HEADER = "Outbox-Ordering-Key"
+SEQUENCE_HEADER = "Outbox-Sequence"
 STATUS_HEADER = "Status"
 NO_RESPONDERS_STATUS = "503"
 _HEADER_LINE = b"NATS/1.0\r\n"
@@ -69,7 +74,28 @@ def message_headers(message: OutboxMessage, stream: str) -> dict[str, str]:
     # The server refuses the message unless this stream stores it, so a subject
     # captured by another stream is a row failure, never a silent detour.
     headers[EXPECTED_STREAM_HEADER] = stream
+    if message.ordering_key is not None:
+        headers[ORDERING_KEY_HEADER] = message.ordering_key
+        headers[SEQUENCE_HEADER] = str(message.id)
     return headers
+
+
+def waves(
+    messages: Sequence[OutboxMessage],
+) -> tuple[list[OutboxMessage], dict[str, deque[OutboxMessage]]]:
+    """The first wave (keyless rows and each key's first row) and the rest, by key."""
+    first: list[OutboxMessage] = []
+    later: dict[str, deque[OutboxMessage]] = {}
+    for message in messages:
+        key = message.ordering_key
+        if key is None:
+            first.append(message)
+        elif key in later:
+            later[key].append(message)
+        else:
+            later[key] = deque()
+            first.append(message)
+    return first, later
 
 
 def wire_size(headers: Mapping[str, str], payload_size: int) -> int:
@@ -203,10 +229,43 @@ class Publisher:
             return False
         return True
 
-    async def publish_batch(self, messages: Sequence[OutboxMessage]) -> BatchResult:
-        """Send every message without waiting, then collect the PubAcks together."""
+    async def publish_batch(
+        self,
+        messages: Sequence[OutboxMessage],
+        *,
+        ordered: bool = False,
+        send_until: float | None = None,
+    ) -> BatchResult:
+        """Publish a batch: sent without waiting, PubAcks collected together.
+
+        ``ordered``: a key's rows go out one per wave, each only after the one before
+        it was acknowledged, so a failed row holds back the rest of its key (keyless
+        rows and different keys still share each wave). ``send_until`` (monotonic
+        time) fences a relay whose claim may have lapsed: no wave starts after it,
+        and the rows not sent stay in the outbox for the next claim.
+        """
         result = BatchResult()
-        in_flight = await self._send(messages, result)
+        if ordered:
+            wave, later = waves(messages)
+        else:
+            wave, later = list(messages), {}
+        while wave:
+            if send_until is not None and time.monotonic() > send_until:
+                break
+            published = await self._publish_wave(wave, result)
+            if result.transient:
+                break  # an outage: the rest waits for the next claim
+            wave = [
+                later[m.ordering_key].popleft()
+                for m in wave
+                if m.ordering_key is not None and m.id in published and later.get(m.ordering_key)
+            ]
+        return result
+
+    async def _publish_wave(self, wave: Sequence[OutboxMessage], result: BatchResult) -> set[int]:
+        """Send ``wave``, wait for its PubAcks; return the ids now in the stream."""
+        already = len(result.published)
+        in_flight = await self._send(wave, result)
         if armed(AFTER_PUBLISH):
             await self._nc.flush()  # on the wire, so the crash lands after the send
             failpoint(AFTER_PUBLISH)
@@ -214,7 +273,7 @@ class Publisher:
             with anyio.move_on_after(self._timeout):
                 await asyncio.wait([future for _, _, future in in_flight])
         await self._collect(in_flight, result)
-        return result
+        return set(result.published[already:])
 
     async def _send(
         self, messages: Sequence[OutboxMessage], result: BatchResult

@@ -29,6 +29,10 @@ _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
 # Group roles sql/roles.sql grants to, one per kind of user.
 ROLE_PURPOSES = ("producer", "relay", "operator")
 IDLE_LOCK_CLASS = 0x4F52  # first key of our advisory locks ("OR"), an int4
+KEY_LOCK_CLASS = 0x4F4B  # a producer's per-key commit-order lock ("OK")
+MEMBER_LOCK_CLASS = 0x4F4D  # held shared by every running relay ("OM")
+PARTITION_LOCK_CLASS = 0x4F500000  # + partition number: owned by one relay
+KEY_PARTITIONS = 64  # ordering keys hash into this many (0004_ordered_delivery.sql)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +57,8 @@ class Names:
             raise ConfigError(f"schema name {self.schema!r} must not contain '$'")
 
     @property
-    def idle_lock_object(self) -> int:
-        """Second key of the idle advisory lock: one lock per schema."""
+    def lock_object(self) -> int:
+        """Second key of our advisory locks: one set of locks per schema."""
         # pg_locks shows the key's halves as oid (unsigned); keep it non-negative.
         return zlib.crc32(self.channel.encode()) & 0x7FFFFFFF
 
@@ -95,10 +99,17 @@ class Names:
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(
-                sql.Literal(IDLE_LOCK_CLASS), sql.Literal(self.idle_lock_object)
+                sql.Literal(IDLE_LOCK_CLASS), sql.Literal(self.lock_object)
             ),
             "idle_lock_class": sql.Literal(IDLE_LOCK_CLASS),
-            "idle_lock_object": sql.Literal(self.idle_lock_object),
+            "lock_object": sql.Literal(self.lock_object),
+            "schema_literal": sql.Literal(self.schema),
+            "key_lock_class": sql.Literal(KEY_LOCK_CLASS),
+            "member_lock_class": sql.Literal(MEMBER_LOCK_CLASS),
+            "member_lock": sql.SQL("{}, {}").format(
+                sql.Literal(MEMBER_LOCK_CLASS), sql.Literal(self.lock_object)
+            ),
+            "partition_lock_class": sql.Literal(PARTITION_LOCK_CLASS),
             "channel_literal": sql.Literal(self.channel),
         }
 

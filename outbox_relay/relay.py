@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,11 @@ from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.logs import relay_id_context
 from outbox_relay.metrics import RelayMetrics, RelayState
+from outbox_relay.partitions import PartitionOwner
 from outbox_relay.publish import BatchResult, Publisher
 from outbox_relay.queries import query
 from outbox_relay.schema import ensure_migrated
-from outbox_relay.store import OutboxStore, RetryPolicy
+from outbox_relay.store import UNORDERED, ClaimScope, OutboxStore, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ _STATEMENT_TIMEOUT = 30.0
 _LISTEN_PROBE_INTERVAL = 30.0
 # How soon to look again when producers are mid-commit as the relay goes idle.
 _IN_FLIGHT_RECHECK = 0.005
+_IDLE_SESSION_TIMEOUT_SINCE = 140000  # PostgreSQL 14
+# Longest an idle relay sleeps in ordered mode, between looks at the partitions.
+_REBALANCE_SLEEP = 2.0
 
 
 class _Idle(enum.Enum):
@@ -115,6 +120,7 @@ class Relay:
             RetryPolicy(settings.max_attempts, settings.retry_backoff, settings.retry_backoff_max),
         )
         self._wakeup = Wakeup()
+        self._partitions = PartitionOwner(self._store, self.relay_id)
         self._idle = _Idle.BUSY
         self._holds_idle_lock = False
         self._stopping = anyio.Event()
@@ -205,6 +211,15 @@ class Relay:
                 },
             )
             await conn.commit()
+            if conn.info.server_version >= _IDLE_SESSION_TIMEOUT_SINCE:
+                idle_session = self.settings.poll_interval + self.settings.claim_hold_bound
+                await conn.execute(
+                    query("configure_idle_session", self.settings.names),
+                    {"idle_session": f"{int(idle_session * 1000)}ms"},
+                )
+                await conn.commit()
+            if self.settings.ordered:
+                await self._partitions.join(conn)
         except BaseException:
             await conn.close()
             raise
@@ -223,6 +238,7 @@ class Relay:
             if publisher is None or not publisher.connected:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
+                await self._keep_session_alive()
                 await self._pause(outage.next_delay())
                 continue
             self._wakeup.clear()
@@ -233,8 +249,9 @@ class Relay:
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
                 if not _connection_lost(exc, self._conn):
                     raise
-                # A session-level lock goes with its session.
+                # Session-level locks go with their session.
                 self._idle, self._holds_idle_lock = _Idle.BUSY, False
+                self._partitions.forget()
                 self._connections.postgres = False
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
@@ -274,6 +291,10 @@ class Relay:
             return 0
         if self._idle is _Idle.ANNOUNCED:
             self._idle = _Idle.SLEPT
+            if self.settings.ordered:
+                # Partitions a relay gave up or left behind have no owner to be woken:
+                # look for them often.
+                return min(self.settings.poll_interval, _REBALANCE_SLEEP)
             return self.settings.poll_interval
         if await self._store.take_idle_lock(self._conn):
             self._holds_idle_lock = True
@@ -310,6 +331,13 @@ class Relay:
         with anyio.move_on_after(seconds):
             await self._stopping.wait()
 
+    async def _keep_session_alive(self) -> None:
+        """A statement, so idle_session_timeout (meant for a frozen relay) spares us."""
+        if self._conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error, TimeoutError), anyio.fail_after(_STATEMENT_TIMEOUT):
+            await self._store.ping(self._conn)
+
     async def _reopen_session(self) -> None:
         # On failure the old, closed connection stays: the next batch fails fast and
         # backs off again.
@@ -321,15 +349,28 @@ class Relay:
     ) -> tuple[int, BatchResult]:
         if conn.closed:
             raise ServerUnavailableError("connection closed")
+        settings = self.settings
+        scope = UNORDERED
+        if settings.ordered:
+            await self._partitions.rebalance(conn)
+            scope = ClaimScope(
+                ordered=True,
+                partitions=self._partitions.owned,
+                hold_behind_dead_letters=settings.dead_letter_policy == "hold",
+            )
         async with conn.transaction():
-            messages = await self._store.claim(conn, self.settings.batch_size)
+            messages = await self._store.claim(conn, settings.batch_size, scope)
+            # Past this no wave starts: the claim's locks may be gone by then.
+            send_until = time.monotonic() + settings.publish_timeout
             if not messages:
                 return 0, BatchResult()
             self.metrics.set_state(RelayState.BUSY)
             self.metrics.batch_rows.observe(len(messages))
             failpoint(AFTER_CLAIM)
             with self.metrics.publish_seconds.time():
-                result = await publisher.publish_batch(messages)
+                result = await publisher.publish_batch(
+                    messages, ordered=settings.ordered, send_until=send_until
+                )
             await self._store.delete(conn, result.published)
             outcome = await self._store.record_failures(conn, result.failures)
             failpoint(AFTER_ACK)

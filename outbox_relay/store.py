@@ -23,6 +23,7 @@ class OutboxMessage:
     subject: str
     payload: bytes
     headers: dict[str, str] | None
+    ordering_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class Lag:
     pending: int
     oldest_age_seconds: float
     dead_letters: int
+    held: int = 0  # pending rows waiting behind a dead letter of their key
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +86,25 @@ class RetryPolicy:
     backoff_max: float = 300.0
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimScope:
+    """Which rows a claim may take: every row, or keyless rows and owned partitions'."""
+
+    ordered: bool = False
+    partitions: frozenset[int] = frozenset()
+    hold_behind_dead_letters: bool = True
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "ordered": self.ordered,
+            "partitions": sorted(self.partitions),
+            "hold": self.hold_behind_dead_letters,
+        }
+
+
+UNORDERED = ClaimScope()
+
+
 class OutboxStore:
     def __init__(self, names: Names, retry: RetryPolicy) -> None:
         self._claim = query("claim_batch", names)
@@ -94,13 +115,20 @@ class OutboxStore:
         self._take_idle_lock = query("take_idle_lock", names)
         self._idle_lock_held_elsewhere = query("idle_lock_held_elsewhere", names)
         self._release_idle_lock = query("release_idle_lock", names)
+        self._join_relays = query("join_relays", names)
+        self._ping = query("ping", names)
+        self._count_relays = query("count_relays", names)
+        self._take_partitions = query("take_partitions", names)
+        self._release_partitions = query("release_partitions", names)
         self._retry = retry
 
-    async def claim(self, conn: psycopg.AsyncConnection[Any], limit: int) -> list[OutboxMessage]:
+    async def claim(
+        self, conn: psycopg.AsyncConnection[Any], limit: int, scope: ClaimScope = UNORDERED
+    ) -> list[OutboxMessage]:
         """Lock up to ``limit`` due rows, oldest first, skipping rows other relays hold."""
         # Binary results: bytea arrives as the stored bytes, with no hex decoding.
         async with conn.cursor(binary=True) as cur:
-            await cur.execute(self._claim, {"limit": limit})
+            await cur.execute(self._claim, {"limit": limit, **scope.params()})
             return [OutboxMessage(*row) for row in await cur.fetchall()]
 
     async def delete(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> None:
@@ -130,7 +158,12 @@ class OutboxStore:
         cur = await conn.execute(self._lag)
         row = await cur.fetchone()
         assert row is not None
-        return Lag(pending=int(row[0]), oldest_age_seconds=float(row[1]), dead_letters=int(row[2]))
+        return Lag(
+            pending=int(row[0]),
+            oldest_age_seconds=float(row[1]),
+            dead_letters=int(row[2]),
+            held=int(row[3]),
+        )
 
     async def table_health(self, conn: psycopg.AsyncConnection[Any]) -> TableHealth:
         cur = await conn.execute(self._table_health)
@@ -159,3 +192,36 @@ class OutboxStore:
             cur = await conn.execute(statement)
             row = await cur.fetchone()
         return bool(row and row[0])
+
+    async def ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._flag(conn, self._ping)
+
+    # Key partitions (sql/migrations/0004_ordered_delivery.sql): session-level locks,
+    # taken and released between batches, in short transactions of their own.
+
+    async def join_relays(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async with conn.transaction():
+            await conn.execute(self._join_relays)
+
+    async def count_relays(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        async with conn.transaction():
+            cur = await conn.execute(self._count_relays)
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def take_partitions(
+        self, conn: psycopg.AsyncConnection[Any], candidates: Sequence[int], wanted: int
+    ) -> list[int]:
+        """Lock up to ``wanted`` of the free ``candidates``, in order; return those taken."""
+        async with conn.transaction():
+            cur = await conn.execute(
+                self._take_partitions, {"candidates": list(candidates), "wanted": wanted}
+            )
+            return [int(row[0]) for row in await cur.fetchall()]
+
+    async def release_partitions(
+        self, conn: psycopg.AsyncConnection[Any], partitions: Sequence[int]
+    ) -> None:
+        if partitions:
+            async with conn.transaction():
+                await conn.execute(self._release_partitions, {"partitions": list(partitions)})

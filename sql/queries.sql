@@ -28,12 +28,26 @@ SELECT coalesce(max(version), 0) FROM {migrations_table};
 -- name: claim_batch
 -- Row locks are the claim: they last until the batch's transaction ends, so a relay
 -- that dies (or whose session is killed) releases its rows to the others at once.
-SELECT id, event_id, subject, payload, headers
-FROM {outbox_table}
-WHERE next_attempt_at <= now()
-ORDER BY id
+--
+-- Ordered mode (sql/migrations/0004_ordered_delivery.sql): a keyed row is claimed
+-- only by the relay owning its partition, and only when no earlier row of its key
+-- waits for a retry (or, with the hold policy, sits in the dead letters).
+SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
+FROM {outbox_table} AS o
+WHERE o.next_attempt_at <= now()
+  AND (o.ordering_key IS NULL
+       OR NOT %(ordered)s
+       OR (o.key_partition = ANY(%(partitions)s::smallint[])
+           AND NOT EXISTS (
+               SELECT FROM {outbox_table} AS b
+               WHERE b.ordering_key = o.ordering_key AND b.id < o.id
+                 AND b.next_attempt_at > now())
+           AND NOT (%(hold)s AND EXISTS (
+               SELECT FROM {dead_letter_table} AS d
+               WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
+ORDER BY o.id
 LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF o SKIP LOCKED;
 
 -- name: delete_published
 DELETE FROM {outbox_table} WHERE id = ANY(%(ids)s::bigint[]);
@@ -49,10 +63,10 @@ WITH failed AS (
     USING failed AS f
     WHERE o.id = f.id AND o.attempts + 1 >= %(max_attempts)s
     RETURNING o.id, o.event_id, o.subject, o.payload, o.headers, o.created_at,
-              o.attempts + 1 AS attempts, f.error
+              o.attempts + 1 AS attempts, f.error, o.ordering_key
 ), dead AS (
     INSERT INTO {dead_letter_table}
-        (id, event_id, subject, payload, headers, created_at, attempts, reason)
+        (id, event_id, subject, payload, headers, created_at, attempts, reason, ordering_key)
     SELECT * FROM buried
     RETURNING id
 ), retried AS (
@@ -69,13 +83,14 @@ WITH failed AS (
 SELECT (SELECT count(*) FROM retried) AS retried, (SELECT count(*) FROM dead) AS dead_lettered;
 
 -- name: lag
-SELECT pending, oldest_age_seconds, dead_letters FROM {lag_view};
+SELECT pending, oldest_age_seconds, dead_letters, held FROM {lag_view};
 
 -- name: lease_instance
 SELECT nextval(%(sequence)s::regclass) %% %(instances)s;
 
 -- name: enqueue
-SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %(max_payload)s);
+SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %(max_payload)s,
+                          %(ordering_key)s);
 
 -- name: emit_event
 -- The event row and its outbox row in one statement; the payload is the row exactly
@@ -90,7 +105,8 @@ SELECT event.event_id,
            convert_to(to_jsonb(event)::text, 'UTF8'),
            event.event_id::text,
            %(headers)s,
-           %(max_payload)s)
+           %(max_payload)s,
+           {ordering_key})
 FROM event;
 
 -- name: configure_session
@@ -141,13 +157,15 @@ LIMIT %(limit)s;
 
 -- name: dead_letters_retry
 -- Back into the outbox with a fresh attempt count; the msg id is unchanged, so a
--- copy JetStream already holds inside its duplicate window is collapsed.
+-- copy JetStream already holds inside its duplicate window is collapsed. The row
+-- keeps its id, and so its place before the rows of its key held behind it.
 WITH moved AS (
     DELETE FROM {dead_letter_table} WHERE {filter}
-    RETURNING event_id, subject, payload, headers, created_at
+    RETURNING id, event_id, subject, payload, headers, created_at, ordering_key
 )
-INSERT INTO {outbox_table} (event_id, subject, payload, headers, created_at)
-SELECT event_id, subject, payload, headers, created_at FROM moved;
+INSERT INTO {outbox_table} (id, event_id, subject, payload, headers, created_at, ordering_key)
+OVERRIDING SYSTEM VALUE
+SELECT id, event_id, subject, payload, headers, created_at, ordering_key FROM moved;
 
 -- name: dead_letters_show
 SELECT id, event_id, subject, headers, payload, attempts, reason, created_at,
@@ -167,7 +185,7 @@ SELECT pg_try_advisory_lock({idle_lock});
 SELECT EXISTS (
     SELECT FROM pg_locks
     WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
-      AND classid::bigint = {idle_lock_class} AND objid::bigint = {idle_lock_object}
+      AND classid::bigint = {idle_lock_class} AND objid::bigint = {lock_object}
       AND pid <> pg_backend_pid()
 );
 
@@ -205,3 +223,31 @@ SELECT s.n_live_tup, s.n_dead_tup, pg_total_relation_size(s.relid),
        extract(epoch FROM now() - greatest(s.last_autovacuum, s.last_vacuum))
 FROM pg_stat_user_tables AS s
 WHERE s.relid = {outbox_table_literal}::regclass;
+
+-- name: configure_idle_session
+-- PostgreSQL >= 14: a relay frozen between batches loses its session, and with it
+-- the partitions it owns, after this long (it claims at least once a poll interval).
+SELECT set_config('idle_session_timeout', %(idle_session)s, false);
+
+-- name: join_relays
+-- Every running relay of the schema holds this lock shared; counting the holders
+-- tells each relay its fair share of the key partitions.
+SELECT pg_advisory_lock_shared({member_lock});
+
+-- name: count_relays
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2
+  AND classid::bigint = {member_lock_class} AND objid::bigint = {lock_object};
+
+-- name: take_partitions
+-- Try the candidates in order; stop after the wanted number are held.
+SELECT c.p FROM unnest(%(candidates)s::int[]) AS c(p)
+WHERE pg_try_advisory_lock({partition_lock_class} + c.p, {lock_object})
+LIMIT %(wanted)s;
+
+-- name: release_partitions
+SELECT pg_advisory_unlock({partition_lock_class} + p, {lock_object})
+FROM unnest(%(partitions)s::int[]) AS p;
+
+-- name: ping
+SELECT true;

@@ -18,7 +18,7 @@ GRANT SELECT ON {migrations_table} TO {producer_role}, {relay_role}, {operator_r
 GRANT INSERT, SELECT ON {event_table} TO {producer_role};
 GRANT INSERT, SELECT (id) ON {outbox_table} TO {producer_role};  -- RETURNING id
 GRANT USAGE ON SEQUENCE {instance_sequence} TO {producer_role};
-GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer) TO {producer_role};
+GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer, text) TO {producer_role};
 
 GRANT SELECT, UPDATE, DELETE ON {outbox_table} TO {relay_role};
 GRANT SELECT, INSERT ON {dead_letter_table} TO {relay_role};
@@ -27,4 +27,4 @@ GRANT SELECT ON {lag_view} TO {relay_role}, {operator_role};
 GRANT SELECT ON {event_table} TO {operator_role};
 GRANT SELECT, INSERT ON {outbox_table} TO {operator_role};
 GRANT SELECT, DELETE ON {dead_letter_table} TO {operator_role};
-GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer) TO {operator_role};
+GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer, text) TO {operator_role};

@@ -42,6 +42,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "OUTBOX_MAX_ATTEMPTS": str(settings.max_attempts),
         "OUTBOX_METRICS_PORT": str(settings.metrics_port),
         "OUTBOX_LAG_INTERVAL": f"{settings.lag_interval}s",
+        "OUTBOX_ORDERING": "true" if settings.ordered else "false",
+        "OUTBOX_DEAD_LETTER_POLICY": settings.dead_letter_policy,
     }
     return clean_env(**{**configured, **extra})
 

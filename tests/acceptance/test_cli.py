@@ -45,6 +45,7 @@ async def test_migrate_is_idempotent_and_lag_reports_json(unmigrated: Settings) 
         "pending": 0,
         "oldest_age_seconds": 0.0,
         "dead_letters": 0,
+        "held": 0,
     }
     emit_events(unmigrated, 2)
     table = await outbox_relay("lag", env=env)
@@ -113,9 +114,12 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
     assert_exactly_once(messages, ids)
     for message in messages:
         event = orjson.loads(message.data)
+        assert message.header is not None
+        assert message.header.pop("Outbox-Sequence").isdigit()
         assert message.header == {
             "Nats-Msg-Id": str(event["event_id"]),
             "Nats-Expected-Stream": outbox.stream,
+            "Outbox-Ordering-Key": str(event["execution_id"]),
         }
         assert message.subject == f"{outbox.subject_prefix}.{event['event_type']}"
         assert event["context"] == {"i": int(event["node_name"].split("-")[1])}
@@ -239,6 +243,7 @@ async def test_dead_letters_can_be_listed_retried_and_purged(
         "pending": 1,
         "oldest_age_seconds": 0,
         "dead_letters": 0,
+        "held": 0,
     }
     with relay_process(env, tmp_path / "again.log") as relay:
         await wait_until(lambda: _dead_letters_are(outbox, 1), within=30)

@@ -26,6 +26,7 @@ async def on_own_postgres(servers: Servers, own_postgres: EmbeddedPostgres) -> S
             Servers(own_postgres.url, servers.nats_url, "own postgres"),
             publish_timeout=2.0,
             poll_interval=30.0,  # long: wake-ups after the faults must come from NOTIFY
+            ordered=False,  # ordered relays look at their partitions every 2 s anyway
         )
     )
 

@@ -47,7 +47,7 @@ async def test_everything_works_in_a_schema_with_a_hostile_name(
         await conn.commit()
         await grant_roles(conn, hostile.names)
     # LISTEN on the derived channel works, else this waits for the poll and fails.
-    slow_poll = replace(hostile, poll_interval=60.0)
+    slow_poll = replace(hostile, poll_interval=60.0, ordered=False)
     async with running_relay(slow_poll):
         emit_events(hostile, 5)
         await wait_until(lambda: drained(hostile), within=10)
