@@ -575,12 +575,12 @@ def verify_command(as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(summary).decode())
     else:
-        for key in ("ok", "pending", "lost", "duplicate", "unexpected"):
-            click.echo(f"{key:<12}{summary[key]}")
+        for key in ("ok", "pending", "lost", "duplicate", "unexpected", "out_of_order"):
+            click.echo(f"{key:<14}{summary[key]}")
     if not report.clean:
         raise VerificationFailed(
             f"{summary['lost']} lost, {summary['duplicate']} duplicate, "
-            f"{summary['unexpected']} unexpected"
+            f"{summary['unexpected']} unexpected, {summary['out_of_order']} out of order"
         )
 
 

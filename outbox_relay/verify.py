@@ -6,7 +6,10 @@ Each event id of a window is classified as
 * ``pending``: committed, not in the stream yet, still in the outbox or dead letters;
 * ``lost``: committed, gone from the outbox, not in the stream;
 * ``duplicate``: stored in the stream more than once;
-* ``unexpected``: in the stream, never committed.
+* ``unexpected``: in the stream, never committed;
+
+and every ordering key's messages are checked to stand in the stream in the order
+their key's rows were committed (``out_of_order`` counts those that do not).
 
 The stream keeps messages for its max age only: verify windows inside it.
 """
@@ -14,6 +17,7 @@ The stream keeps messages for its max age only: verify windows inside it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +29,7 @@ from outbox_relay.config import Settings
 from outbox_relay.errors import OutboxError
 from outbox_relay.ids import EPOCH_MS, LOW_BITS
 from outbox_relay.jetstream import read_stream
-from outbox_relay.publish import MSG_ID_HEADER
+from outbox_relay.publish import MSG_ID_HEADER, ORDERING_KEY_HEADER, SEQUENCE_HEADER
 from outbox_relay.queries import query
 
 SAMPLE = 20  # problem ids listed per class; counts are always complete
@@ -72,10 +76,11 @@ class Report:
     lost: list[int] = field(default_factory=list)
     duplicate: dict[int, int] = field(default_factory=dict)  # event id -> copies
     unexpected: list[int] = field(default_factory=list)
+    out_of_order: list[int] = field(default_factory=list)  # stored before an earlier one
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.duplicate or self.unexpected)
+        return not (self.lost or self.duplicate or self.unexpected or self.out_of_order)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,12 +89,14 @@ class Report:
             "lost": len(self.lost),
             "duplicate": len(self.duplicate),
             "unexpected": len(self.unexpected),
+            "out_of_order": len(self.out_of_order),
             "clean": self.clean,
             "samples": {
                 "pending": sorted(self.pending)[:SAMPLE],
                 "lost": sorted(self.lost)[:SAMPLE],
                 "duplicate": {str(k): v for k, v in sorted(self.duplicate.items())[:SAMPLE]},
                 "unexpected": sorted(self.unexpected)[:SAMPLE],
+                "out_of_order": self.out_of_order[:SAMPLE],
             },
         }
 
@@ -114,6 +121,22 @@ def classify_ids(committed: set[int], waiting: set[int], stored: Counter[int]) -
     return report
 
 
+def out_of_order(stored: Iterable[tuple[int, str, int]]) -> list[int]:
+    """Event ids stored after a later row of their key: (event id, key, sequence) in
+    stream order. A copy stored again later is the duplicate check's business."""
+    last: dict[str, int] = {}
+    seen: set[int] = set()
+    found = []
+    for event_id, key, sequence in stored:
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        if sequence < last.get(key, sequence):
+            found.append(event_id)
+        last[key] = max(sequence, last.get(key, sequence))
+    return found
+
+
 async def verify(
     conn: psycopg.AsyncConnection[Any], js: JetStreamContext, settings: Settings, window: Window
 ) -> Report:
@@ -130,12 +153,19 @@ async def verify(
         await cur.execute(query("verify_pending", names), params)
         waiting = {row[0] for row in await cur.fetchall()}
     stored: Counter[int] = Counter()
+    keyed: list[tuple[int, str, int]] = []
     for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
-        msg_id = (message.header or {}).get(MSG_ID_HEADER, "")
+        headers = message.header or {}
+        msg_id = headers.get(MSG_ID_HEADER, "")
         if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
             stored[int(msg_id)] += 1
+            key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
+            if key is not None and sequence.isdigit():
+                keyed.append((int(msg_id), key, int(sequence)))
     late = [i for i in stored if i not in committed]
     if late:
         cur = await conn.execute(query("verify_exists", names), {"ids": late})
         committed |= {row[0] for row in await cur.fetchall()}
-    return classify_ids(committed, waiting, stored)
+    report = classify_ids(committed, waiting, stored)
+    report.out_of_order = out_of_order(keyed)
+    return report

@@ -32,11 +32,13 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not RESULTS:
         return
     terminalreporter.section("fault injection: verify after each fault")
-    terminalreporter.write_line(f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}")
+    terminalreporter.write_line(
+        f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}"
+    )
     for name, summary in RESULTS:
         terminalreporter.write_line(
             f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
-            f"{summary['unexpected']:>7}"
+            f"{summary['unexpected']:>7}{summary['out_of_order']:>7}"
         )
 
 
@@ -134,6 +136,7 @@ async def assert_nothing_lost_or_doubled(
     summary = report.as_dict()
     RESULTS.append((name, summary))
     assert summary["lost"] == summary["duplicate"] == summary["unexpected"] == 0, summary
+    assert summary["out_of_order"] == 0, summary
     assert summary["pending"] == 0, summary
     assert summary["ok"] > 0, summary
     return summary

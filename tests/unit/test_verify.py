@@ -2,7 +2,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from outbox_relay.ids import SnowflakeGenerator, split_id
-from outbox_relay.verify import Window, classify_ids
+from outbox_relay.verify import Window, classify_ids, out_of_order
 
 
 def test_every_class_is_found() -> None:
@@ -37,3 +37,15 @@ def test_a_time_window_covers_the_ids_minted_in_it() -> None:
     assert snowflake in window
     assert split_id(window.from_id or 0)[0] <= split_id(snowflake)[0]
     assert (snowflake + (1 << 30)) not in window
+
+
+def test_out_of_order_finds_a_row_stored_after_a_later_row_of_its_key() -> None:
+    # (event id, key, outbox sequence), in stream order
+    in_order = [(1, "a", 10), (2, "b", 11), (3, "a", 12), (4, "b", 13)]
+    assert out_of_order(in_order) == []
+    swapped = [(1, "a", 10), (3, "a", 12), (2, "a", 11), (4, "a", 13)]
+    assert out_of_order(swapped) == [2]
+    # A copy stored again later is a duplicate, not an ordering problem.
+    assert out_of_order([(1, "a", 10), (2, "a", 11), (1, "a", 10)]) == []
+    # Keys are independent.
+    assert out_of_order([(5, "b", 20), (1, "a", 10)]) == []
