@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +20,7 @@ from outbox_relay.jetstream import connect_nats
 from outbox_relay.producer import Producer
 from outbox_relay.schema import migrate
 from outbox_relay.verify import Window, verify
+from tests.acceptance.cli import RelayProcess
 from tests.conftest import make_settings
 from tests.helpers import drained, wait_until
 from tests.servers import Servers
@@ -78,10 +81,14 @@ async def on_shared(servers: Servers) -> Settings:
 class Load:
     """Producers committing events at a steady rate, through outages (failed ones just fail)."""
 
-    def __init__(self, settings: Settings, *, rate: float, producers: int = 2) -> None:
+    def __init__(
+        self, settings: Settings, *, rate: float, producers: int = 2, executions: int = 0
+    ) -> None:
         self.settings = settings
         self.rate = rate
         self.producers = producers
+        # Executions the producers cycle through (0: one per producer).
+        self.executions = executions or producers
         self.committed = 0
         self.failed = 0
         self._stop = anyio.Event()
@@ -100,6 +107,7 @@ class Load:
         )
         interval = self.producers / self.rate
         conn: psycopg.AsyncConnection[Any] | None = None
+        executions = itertools.cycle(range(worker, self.executions, self.producers))
         while not self._stop.is_set():
             try:
                 if conn is None or conn.closed:
@@ -107,7 +115,7 @@ class Load:
                         self.settings.database_url, autocommit=True, connect_timeout=2
                     )
                 await producer.emit_event_async(
-                    conn, event_type="load.tick", execution_id=worker, node_id="load"
+                    conn, event_type="load.tick", execution_id=next(executions), node_id="load"
                 )
                 self.committed += 1
             except psycopg.OperationalError:
@@ -140,3 +148,26 @@ async def assert_nothing_lost_or_doubled(
     assert summary["pending"] == 0, summary
     assert summary["ok"] > 0, summary
     return summary
+
+
+async def all_started(*relays: RelayProcess) -> bool:
+    return all(" started: schema " in relay.output() for relay in relays)
+
+
+async def frozen_mid_batch(settings: Settings, relay: RelayProcess) -> bool:
+    """Freeze the relay; keep it frozen only if it holds claimed rows right now."""
+    relay.signal(signal.SIGSTOP)
+    # A COMMIT sent just before the freeze may still be on its way: give it time to
+    # land before reading the session's state.
+    await anyio.sleep(0.3)
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+            " AND application_name LIKE %s",
+            (f"outbox-relay %-{relay.process.pid}",),
+        )
+        row = await cur.fetchone()
+    if row and row[0]:
+        return True
+    relay.signal(signal.SIGCONT)
+    return False

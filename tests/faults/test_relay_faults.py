@@ -14,8 +14,13 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, AFTER_PUBLISH, POINTS
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.verify import Window, verify
-from tests.acceptance.cli import RelayProcess, env_for, relay_process
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled
+from tests.acceptance.cli import env_for, relay_process
+from tests.faults.conftest import (
+    Load,
+    all_started,
+    assert_nothing_lost_or_doubled,
+    frozen_mid_batch,
+)
 from tests.helpers import drained, emit_events, lag, wait_until
 
 
@@ -67,8 +72,8 @@ async def test_a_relay_frozen_longer_than_its_claim_cannot_mark_or_double(
     ):
         async with anyio.create_task_group() as tg:
             tg.start_soon(load.run)
-            await wait_until(lambda: _started(zombie, b, c), within=30, interval=0.01)
-            await wait_until(lambda: _frozen_mid_batch(settings, zombie), within=30, interval=0)
+            await wait_until(lambda: all_started(zombie, b, c), within=30, interval=0.01)
+            await wait_until(lambda: frozen_mid_batch(settings, zombie), within=30, interval=0)
             await anyio.sleep(settings.claim_hold_bound + 6)
             zombie.signal(signal.SIGCONT)
             await anyio.sleep(3)
@@ -83,29 +88,6 @@ async def test_a_relay_frozen_longer_than_its_claim_cannot_mark_or_double(
     await assert_nothing_lost_or_doubled(
         "relay frozen (SIGSTOP) past its claim, 3 relays", settings
     )
-
-
-async def _started(*relays: RelayProcess) -> bool:
-    return all(" started: schema " in relay.output() for relay in relays)
-
-
-async def _frozen_mid_batch(settings: Settings, relay: RelayProcess) -> bool:
-    """Freeze the relay; keep it frozen only if it holds claimed rows right now."""
-    relay.signal(signal.SIGSTOP)
-    # A COMMIT sent just before the freeze may still be on its way: give it time to
-    # land before reading the session's state.
-    await anyio.sleep(0.3)
-    async with await connect_postgres(settings, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
-            " AND application_name LIKE %s",
-            (f"outbox-relay %-{relay.process.pid}",),
-        )
-        row = await cur.fetchone()
-    if row and row[0]:
-        return True
-    relay.signal(signal.SIGCONT)
-    return False
 
 
 async def test_sigterm_under_load_exits_zero_within_bound(
