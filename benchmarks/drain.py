@@ -33,15 +33,17 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.relay import Relay
 
 
-async def preload(settings: Settings, rows: int, payload: int) -> None:
+async def preload(settings: Settings, rows: int, payload: int, *, keys: int = 0) -> None:
+    """``rows`` outbox rows; with ``keys``, spread round robin over that many ordering keys."""
     async with await connect_postgres(settings, autocommit=True) as conn:
         await conn.execute(
             sql.SQL(
-                "INSERT INTO {}.event_outbox (event_id, subject, payload)"
-                " SELECT 'bench-' || g, %s, convert_to(repeat('x', %s), 'UTF8')"
+                "INSERT INTO {}.event_outbox (event_id, subject, payload, ordering_key)"
+                " SELECT 'bench-' || g, %s, convert_to(repeat('x', %s), 'UTF8'),"
+                " CASE WHEN %s > 0 THEN (g %% %s)::text END"
                 " FROM generate_series(1, %s) g"
             ).format(sql.Identifier(settings.schema)),
-            (f"{settings.subject_prefix}.bench", payload, rows),
+            (f"{settings.subject_prefix}.bench", payload, keys, max(keys, 1), rows),
         )
         await conn.execute(
             sql.SQL("VACUUM ANALYZE {}.event_outbox").format(sql.Identifier(settings.schema))
