@@ -145,6 +145,11 @@ class RelayMetrics:
             "Rows in the dead-letter table, as of the last lag refresh.",
             registry=registry,
         )
+        self.held = Gauge(
+            f"{PREFIX}_outbox_held_rows",
+            "Rows waiting behind a dead-lettered row of their ordering key (hold policy).",
+            registry=registry,
+        )
         self.dead_rows = Gauge(
             f"{PREFIX}_outbox_dead_tuples",
             "Dead rows in the outbox table awaiting vacuum, as of the last lag refresh.",
@@ -185,6 +190,7 @@ class RelayMetrics:
         self.pending.set(lag.pending)
         self.oldest_age.set(lag.oldest_age_seconds)
         self.dead_letters.set(lag.dead_letters)
+        self.held.set(lag.held)
         self.dead_rows.set(health.dead_rows)
         self.table_bytes.set(health.size_bytes)
         self.lag_refreshed.set_to_current_time()
