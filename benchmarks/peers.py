@@ -102,6 +102,19 @@ def subject(settings: Settings) -> str:
 async def txoutbox_drain(
     database_url: str, nats_url: str, settings: Settings, rows: int, payload: int
 ) -> float:
+    return await _txoutbox(database_url, nats_url, settings, rows, payload, tuned=True)
+
+
+async def txoutbox_defaults_drain(
+    database_url: str, nats_url: str, settings: Settings, rows: int, payload: int
+) -> float:
+    """txoutbox as its README configures it: batches of 50, 10 in flight."""
+    return await _txoutbox(database_url, nats_url, settings, rows, payload, tuned=False)
+
+
+async def _txoutbox(
+    database_url: str, nats_url: str, settings: Settings, rows: int, payload: int, *, tuned: bool
+) -> float:
     from txoutbox import OutboxMessage, Relay, RelayConfig
     from txoutbox.adapters.postgres import PostgresStorage
 
@@ -125,7 +138,11 @@ async def txoutbox_drain(
                         message.topic, message.payload, headers={"Nats-Msg-Id": str(message.id)}
                     )
 
-                config = RelayConfig(batch_size=TXOUTBOX_BATCH, concurrency=TXOUTBOX_CONCURRENCY)
+                config = (
+                    RelayConfig(batch_size=TXOUTBOX_BATCH, concurrency=TXOUTBOX_CONCURRENCY)
+                    if tuned
+                    else RelayConfig()
+                )
                 await Relay(storage, publish, config=config).run()
 
             return await timed_drain(nats_url, settings, rows, relay)
@@ -213,6 +230,7 @@ async def nats_outbox_drain(
 
 PEERS: dict[str, PeerDrain] = {
     "txoutbox": txoutbox_drain,
+    "txoutbox-defaults": txoutbox_defaults_drain,
     "pgqueuer": pgqueuer_drain,
     "nats-outbox": nats_outbox_drain,
 }
@@ -223,7 +241,7 @@ def installed() -> dict[str, PeerDrain]:
     available = {}
     for name, drain in PEERS.items():
         try:
-            __import__(name.replace("-", "_"))
+            __import__(name.split("-defaults")[0].replace("-", "_"))
         except ImportError:
             print(f"  {name} not installed (pip install -e '.[bench]'): skipped")
             continue

@@ -1,7 +1,8 @@
 """Producer overhead of the relay's wake-up: commits/s of the producer workload.
 
 Each transaction inserts an event row and its outbox row (through the SQL enqueue
-function), driven by pgbench so that client overhead does not hide the database's.
+function, keyed by execution as emit_event keys it, one execution per client),
+driven by pgbench so that client overhead does not hide the database's.
 Three wake-ups, side by side on the same server, with a relay draining throughout:
 
 * ``none``: no notification at all (the relay only polls): the ceiling;
@@ -42,7 +43,8 @@ MODES = ("none", "every", "ours")
 SCRIPT = """\\set eid random(1, 9000000000000000)
 BEGIN;
 INSERT INTO {schema}.event (execution_id, event_id, event_type) VALUES (:client_id, :eid, 'bench');
-SELECT {schema}.event_outbox_enqueue('{prefix}.bench', '\\x7b7d'::bytea, :eid::text);
+SELECT {schema}.event_outbox_enqueue('{prefix}.bench', '\\x7b7d'::bytea, :eid::text,
+    NULL, NULL, :client_id::text);
 COMMIT;
 """
 
