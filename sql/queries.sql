@@ -31,7 +31,8 @@ SELECT coalesce(max(version), 0) FROM {migrations_table};
 --
 -- Ordered mode (sql/migrations/0004_ordered_delivery.sql): a keyed row is claimed
 -- only by the relay owning its partition, and only when no earlier row of its key
--- waits for a retry (or, with the hold policy, sits in the dead letters).
+-- waits for a retry (a failed row: attempts > 0) or, with the hold policy, sits in
+-- the dead letters.
 SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
 FROM {outbox_table} AS o
 WHERE o.next_attempt_at <= now()
@@ -41,7 +42,7 @@ WHERE o.next_attempt_at <= now()
            AND NOT EXISTS (
                SELECT FROM {outbox_table} AS b
                WHERE b.ordering_key = o.ordering_key AND b.id < o.id
-                 AND b.next_attempt_at > now())
+                 AND b.attempts > 0 AND b.next_attempt_at > now())
            AND NOT (%(hold)s AND EXISTS (
                SELECT FROM {dead_letter_table} AS d
                WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))

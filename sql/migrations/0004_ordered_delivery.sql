@@ -11,8 +11,11 @@
 ALTER TABLE {outbox_table}
     ADD COLUMN ordering_key text,
     ADD COLUMN key_partition smallint GENERATED ALWAYS AS (hashtext(ordering_key) & 63) STORED;
-CREATE INDEX event_outbox_ordering_key ON {outbox_table} (ordering_key, id)
-    WHERE ordering_key IS NOT NULL;
+-- A keyed row waits while an earlier row of its key waits for a retry. Only failed
+-- rows (attempts > 0) can be waiting, so the claim checks them through this small
+-- index instead of every earlier row of the key.
+CREATE INDEX event_outbox_failed_by_key ON {outbox_table} (ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND attempts > 0;
 
 ALTER TABLE {dead_letter_table} ADD COLUMN ordering_key text;
 CREATE INDEX event_outbox_dead_letter_ordering_key ON {dead_letter_table} (ordering_key, id)
