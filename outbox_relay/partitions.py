@@ -55,16 +55,19 @@ def plan(owned: frozenset[int], relays: int, order: Sequence[int]) -> Plan:
 class PartitionOwner:
     """The partitions this relay's session holds, rebalanced at most once an interval."""
 
-    def __init__(self, store: OutboxStore, relay_id: str, interval: float = 1.0) -> None:
+    def __init__(self, store: OutboxStore, relay_id: str, interval: float = 0.25) -> None:
         self._store = store
         self._order = preference(relay_id)
         self._interval = interval
         self._next_check = 0.0
         self.owned: frozenset[int] = frozenset()
+        # Below its share, with none free: others still hold surplus to give back.
+        self.short = False
 
     def forget(self) -> None:
         """The session is gone, and with it every lock it held."""
         self.owned = frozenset()
+        self.short = False
         self._next_check = 0.0
 
     async def join(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -79,6 +82,7 @@ class PartitionOwner:
         self._next_check = now + self._interval
         relays = await self._store.count_relays(conn)
         decided = plan(self.owned, relays, self._order)
+        self.short = False
         if decided.release:
             await self._store.release_partitions(conn, decided.release)
             self.owned -= set(decided.release)
@@ -86,3 +90,4 @@ class PartitionOwner:
             free = [p for p in self._order if p not in self.owned]
             taken = await self._store.take_partitions(conn, free, decided.take)
             self.owned |= set(taken)
+            self.short = len(taken) < decided.take

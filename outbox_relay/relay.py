@@ -44,6 +44,8 @@ _IN_FLIGHT_RECHECK = 0.005
 _IDLE_SESSION_TIMEOUT_SINCE = 140000  # PostgreSQL 14
 # Longest an idle relay sleeps in ordered mode, between looks at the partitions.
 _REBALANCE_SLEEP = 2.0
+# How soon a relay below its share of partitions looks again.
+_SHORT_RECHECK = 0.1
 
 
 class _Idle(enum.Enum):
@@ -289,6 +291,10 @@ class Relay:
             # Only an empty claim sends a relay towards sleep: under load it stays
             # busy, so producers skip NOTIFY altogether.
             return 0
+        if self._partitions.short:
+            # Relays that held more than their share give it back within their next
+            # batch or two: look again soon rather than sleep.
+            return _SHORT_RECHECK
         if self._idle is _Idle.ANNOUNCED:
             self._idle = _Idle.SLEPT
             if self.settings.ordered:
