@@ -44,6 +44,24 @@ class RelayState(enum.Enum):
     STOPPING = "stopping"
 
 
+# Lag and TableHealth field -> metric name and help.
+_LAG_GAUGES = {
+    "pending": ("outbox_pending_rows", "Rows waiting in the outbox (dead letters excluded)"),
+    "oldest_age_seconds": (
+        "outbox_oldest_age_seconds",
+        "Age of the oldest waiting row (0 when none waits)",
+    ),
+    "dead_letters": ("dead_letter_rows", "Rows in the dead-letter table"),
+    "held": (
+        "outbox_held_rows",
+        "Rows waiting behind a dead-lettered row of their ordering key (hold policy)",
+    ),
+    "dead_rows": ("outbox_dead_tuples", "Dead rows in the outbox table awaiting vacuum"),
+    "size_bytes": ("outbox_table_bytes", "Size of the outbox table with its indexes"),
+}
+_HEALTH_FIELDS = frozenset({"dead_rows", "size_bytes"})
+
+
 @dataclass(slots=True)
 class Connections:
     """What readiness is made of; updated by the relay and its lag watcher."""
@@ -130,36 +148,13 @@ class RelayMetrics:
             registry=registry,
         )
         self._state.state(RelayState.STARTING.value)
-        self.pending = Gauge(
-            f"{PREFIX}_outbox_pending_rows",
-            "Rows waiting in the outbox (dead letters excluded), as of the last lag refresh.",
-            registry=registry,
-        )
-        self.oldest_age = Gauge(
-            f"{PREFIX}_outbox_oldest_age_seconds",
-            "Age of the oldest waiting row, as of the last lag refresh (0 when empty).",
-            registry=registry,
-        )
-        self.dead_letters = Gauge(
-            f"{PREFIX}_dead_letter_rows",
-            "Rows in the dead-letter table, as of the last lag refresh.",
-            registry=registry,
-        )
-        self.held = Gauge(
-            f"{PREFIX}_outbox_held_rows",
-            "Rows waiting behind a dead-lettered row of their ordering key (hold policy).",
-            registry=registry,
-        )
-        self.dead_rows = Gauge(
-            f"{PREFIX}_outbox_dead_tuples",
-            "Dead rows in the outbox table awaiting vacuum, as of the last lag refresh.",
-            registry=registry,
-        )
-        self.table_bytes = Gauge(
-            f"{PREFIX}_outbox_table_bytes",
-            "Size of the outbox table with its indexes, as of the last lag refresh.",
-            registry=registry,
-        )
+        # Refreshed together from the lag view and the table's statistics.
+        self._lag_gauges = {
+            source: Gauge(
+                f"{PREFIX}_{name}", f"{text}, as of the last lag refresh.", registry=registry
+            )
+            for source, (name, text) in _LAG_GAUGES.items()
+        }
         self.lag_refreshed = Gauge(
             f"{PREFIX}_lag_refresh_timestamp_seconds",
             "When the lag gauges were last refreshed (Unix time).",
@@ -187,12 +182,8 @@ class RelayMetrics:
         self._state.state(state.value)
 
     def record_lag(self, lag: Lag, health: TableHealth) -> None:
-        self.pending.set(lag.pending)
-        self.oldest_age.set(lag.oldest_age_seconds)
-        self.dead_letters.set(lag.dead_letters)
-        self.held.set(lag.held)
-        self.dead_rows.set(health.dead_rows)
-        self.table_bytes.set(health.size_bytes)
+        for source, gauge in self._lag_gauges.items():
+            gauge.set(getattr(health if source in _HEALTH_FIELDS else lag, source))
         self.lag_refreshed.set_to_current_time()
 
 
