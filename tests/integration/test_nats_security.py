@@ -6,9 +6,14 @@ from a throw-away CA (trustme).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import nkeys
@@ -110,3 +115,68 @@ async def test_mutual_tls(outbox: Settings, ca: trustme.CA, tmp_path: Path) -> N
         trustme.CA().cert_pem.write_to_path(str(other_ca))
         untrusted = replace(mutual, tls_ca_file=str(other_ca))
         assert "certificate" in (await _refused(replace(settings, nats_auth=untrusted))).lower()
+
+
+def _keys(prefix: int) -> tuple[bytes, Any, str]:
+    seed = nkeys.encode_seed(bytes(nacl.signing.SigningKey.generate()), prefix)
+    pair = nkeys.from_seed(seed)
+    return seed, pair, pair.public_key.decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(issuer: Any, subject: str, name: str, nats_claims: dict[str, Any]) -> str:
+    """A NATS v2 JWT, signed by ``issuer``'s nkey (what nsc would write)."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    claims: dict[str, Any] = {
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject,
+        "name": name,
+        "nats": {**nats_claims, "version": 2},
+    }
+    digest = hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    payload = _b64(json.dumps(claims).encode())
+    return f"{header}.{payload}.{_b64(issuer.sign(f'{header}.{payload}'.encode()))}"
+
+
+def _operator_mode(tmp_path: Path) -> tuple[Path, Path]:
+    """A server config trusting a throw-away operator, and a creds file for a user of
+    an account with JetStream."""
+    _, operator, operator_key = _keys(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account, account_key = _keys(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, _, system_key = _keys(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, _, user_key = _keys(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1}
+    unlimited |= {"wildcards": True, "conn": -1, "leaf": -1}
+    jetstream = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    operator_jwt = _jwt(operator, operator_key, "op", {"type": "operator"})
+    account_jwt = _jwt(
+        operator, account_key, "relay", {"type": "account", "limits": unlimited | jetstream}
+    )
+    system_jwt = _jwt(operator, system_key, "SYS", {"type": "account", "limits": unlimited})
+    user_limits = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+    user_jwt = _jwt(account, user_key, "relay", {"type": "user", **user_limits})
+    config = tmp_path / "operator.conf"
+    config.write_text(
+        f'operator: "{operator_jwt}"\nsystem_account: {system_key}\nresolver: MEMORY\n'
+        f'resolver_preload: {{\n  {account_key}: "{account_jwt}"\n'
+        f'  {system_key}: "{system_jwt}"\n}}\n'
+    )
+    creds = tmp_path / "relay.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    return config, creds
+
+
+async def test_creds_file(outbox: Settings, tmp_path: Path) -> None:
+    config, creds = _operator_mode(tmp_path)
+    with EmbeddedNats(extra_args=("-c", str(config))) as server:
+        settings = replace(outbox, nats_urls=(server.url,))
+        await _relays_through(replace(settings, nats_auth=NatsAuth(creds_file=str(creds))))
+        await _refused(settings)
