@@ -230,20 +230,21 @@ async def nats_outbox_drain(
             await engine.dispose()
 
 
-PEERS: dict[str, PeerDrain] = {
-    "txoutbox": txoutbox_drain,
-    "txoutbox-defaults": txoutbox_defaults_drain,
-    "pgqueuer": pgqueuer_drain,
-    "nats-outbox": nats_outbox_drain,
+# Name in the tables -> the module it needs, and its drain.
+PEERS: dict[str, tuple[str, PeerDrain]] = {
+    "txoutbox": ("txoutbox", txoutbox_drain),
+    "txoutbox-defaults": ("txoutbox", txoutbox_defaults_drain),
+    "pgqueuer": ("pgqueuer", pgqueuer_drain),
+    "nats-outbox": ("nats_outbox", nats_outbox_drain),
 }
 
 
 def installed() -> dict[str, PeerDrain]:
     """The peers importable here; the others are skipped with a note."""
     available = {}
-    for name, drain in PEERS.items():
+    for name, (module, drain) in PEERS.items():
         try:
-            __import__(name.split("-defaults")[0].replace("-", "_"))
+            __import__(module)
         except ImportError:
             print(f"  {name} not installed (pip install -e '.[bench]'): skipped")
             continue

@@ -37,15 +37,20 @@ def latest_version() -> int:
     return migrations()[-1].version
 
 
+async def _lock_schema(conn: psycopg.AsyncConnection[Any], names: Names) -> None:
+    """Serialise schema changes (migrations, role grants) of concurrent runs."""
+    await conn.execute(
+        query("lock_migrations", names), {"lock_key": f"outbox-relay {names.schema}"}
+    )
+
+
 async def migrate(conn: psycopg.AsyncConnection[Any], names: Names) -> list[Migration]:
     """Apply the missing migrations in one transaction; return those applied.
 
     Concurrent runs are serialised by an advisory lock, so replicas may all run it.
     """
     async with conn.transaction():
-        await conn.execute(
-            query("lock_migrations", names), {"lock_key": f"outbox-relay {names.schema}"}
-        )
+        await _lock_schema(conn, names)
         await conn.execute(query("create_migrations_table", names))
         cur = await conn.execute(query("applied_migrations", names))
         applied = {row[0] for row in await cur.fetchall()}
@@ -102,9 +107,7 @@ async def grant_roles(conn: psycopg.AsyncConnection[Any], names: Names) -> list[
     await ensure_migrated(conn, names)
     roles = [names.role(purpose) for purpose in ROLE_PURPOSES]
     async with conn.transaction():
-        await conn.execute(
-            query("lock_migrations", names), {"lock_key": f"outbox-relay {names.schema}"}
-        )
+        await _lock_schema(conn, names)
         for role in roles:
             cur = await conn.execute(query("role_exists", names), {"role": role})
             row = await cur.fetchone()
