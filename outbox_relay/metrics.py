@@ -177,6 +177,17 @@ class RelayMetrics:
         Gauge(f"{PREFIX}_ready", "1 while /readyz answers 200.", registry=registry).set_function(
             lambda: not connections.problems()
         )
+        self.partitions_owned = Gauge(
+            f"{PREFIX}_partitions_owned",
+            "Key partitions this relay owns (ordered mode).",
+            registry=registry,
+        )
+        self.partitions_squatted = Gauge(
+            f"{PREFIX}_partitions_held_by_non_relays",
+            "Key partitions held by sessions that are not relays: their keys' rows wait, "
+            "as of the last lag refresh.",
+            registry=registry,
+        )
 
     def set_state(self, state: RelayState) -> None:
         self._state.state(state.value)

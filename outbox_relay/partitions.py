@@ -63,21 +63,32 @@ class PartitionOwner:
         self.owned: frozenset[int] = frozenset()
         # Below its share, with none free: others still hold surplus to give back.
         self.short = False
+        # Counted among the relays; False after leave() until the next join().
+        self.joined = False
 
     def forget(self) -> None:
         """The session is gone, and with it every lock it held."""
         self.owned = frozenset()
         self.short = False
+        self.joined = False
         self._next_check = 0.0
 
     async def join(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Count this session among the relays (once per session)."""
         self.forget()
         await self._store.join_relays(conn)
+        self.joined = True
+
+    async def leave(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give every partition back, stop counting among the relays, wake the others."""
+        await self._store.release_partitions(conn, sorted(self.owned))
+        await self._store.leave_relays(conn)
+        self.forget()
+        await self._store.announce_partitions(conn)
 
     async def rebalance(self, conn: psycopg.AsyncConnection[Any]) -> None:
         now = time.monotonic()
-        if now < self._next_check:
+        if not self.joined or now < self._next_check:
             return
         self._next_check = now + self._interval
         relays = await self._store.count_relays(conn)

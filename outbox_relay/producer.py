@@ -35,7 +35,7 @@ from outbox_relay.ids import (
     SnowflakeGenerator,
     shard_id_from_env,
 )
-from outbox_relay.queries import Names, query
+from outbox_relay.queries import Names, ordering_key_of, query
 from outbox_relay.subjects import event_subject, validate_subject
 
 # Headers the relay sets on every message; a producer must not override them.
@@ -207,17 +207,12 @@ class Producer:
             "headers": _headers_param(headers),
             "max_payload": self.max_payload,
         }
-        key = (
-            sql.SQL("{}::text").format(sql.Identifier("event", self.ordering_key))
-            if self.ordering_key
-            else sql.NULL
-        )
         statement = query(
             "emit_event",
             self.names,
             columns=sql.SQL(", ").join(sql.Identifier(name) for name in row),
             values=sql.SQL(", ").join(sql.Placeholder(f"col_{name}") for name in row),
-            ordering_key=key,
+            ordering_key=ordering_key_of("event", self.ordering_key),
         )
         return statement, params
 

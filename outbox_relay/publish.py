@@ -26,7 +26,8 @@ from outbox_relay.store import Failure, OutboxMessage
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
-# On keyed rows: the key, and the outbox id, which orders a key's rows as committed.
+# On keyed rows in ordered mode: the key, and a number that increases along each
+# key's messages in the order the relay publishes them (OutboxMessage.sequence).
 ORDERING_KEY_HEADER = "Outbox-Ordering-Key"
 SEQUENCE_HEADER = "Outbox-Sequence"
 STATUS_HEADER = "Status"
@@ -68,15 +69,15 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
     return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
 
 
-def message_headers(message: OutboxMessage, stream: str) -> dict[str, str]:
+def message_headers(message: OutboxMessage, stream: str, *, ordered: bool) -> dict[str, str]:
     headers = dict(message.headers) if message.headers else {}
     headers[MSG_ID_HEADER] = message.event_id
     # The server refuses the message unless this stream stores it, so a subject
     # captured by another stream is a row failure, never a silent detour.
     headers[EXPECTED_STREAM_HEADER] = stream
-    if message.ordering_key is not None:
+    if ordered and message.ordering_key is not None:
         headers[ORDERING_KEY_HEADER] = message.ordering_key
-        headers[SEQUENCE_HEADER] = str(message.id)
+        headers[SEQUENCE_HEADER] = str(message.sequence)
     return headers
 
 
@@ -199,8 +200,11 @@ _InFlight = tuple[OutboxMessage, str, asyncio.Future[Ack]]
 class Publisher:
     """Publishes batches to one stream over one NATS connection."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, stream: str, timeout: float) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, stream: str, timeout: float, *, ordered: bool
+    ) -> None:
         self._nc = nc
+        self._ordered = ordered
         self._js = js
         self._stream = stream
         self._timeout = timeout
@@ -233,19 +237,18 @@ class Publisher:
         self,
         messages: Sequence[OutboxMessage],
         *,
-        ordered: bool = False,
         send_until: float | None = None,
     ) -> BatchResult:
         """Publish a batch: sent without waiting, PubAcks collected together.
 
-        ``ordered``: a key's rows go out one per wave, each only after the one before
+        Ordered: a key's rows go out one per wave, each only after the one before
         it was acknowledged, so a failed row holds back the rest of its key (keyless
         rows and different keys still share each wave). ``send_until`` (monotonic
         time) fences a relay whose claim may have lapsed: no wave starts after it,
         and the rows not sent stay in the outbox for the next claim.
         """
         result = BatchResult()
-        if ordered:
+        if self._ordered:
             wave, later = waves(messages)
         else:
             wave, later = list(messages), {}
@@ -281,7 +284,7 @@ class Publisher:
         in_flight: list[_InFlight] = []
         max_payload = self._nc.max_payload
         for message in messages:
-            headers = message_headers(message, self._stream)
+            headers = message_headers(message, self._stream, ordered=self._ordered)
             size = wire_size(headers, len(message.payload))
             if size > max_payload:
                 result.failures.append(

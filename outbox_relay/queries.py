@@ -29,10 +29,13 @@ _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1
 # Group roles sql/roles.sql grants to, one per kind of user.
 ROLE_PURPOSES = ("producer", "relay", "operator")
 IDLE_LOCK_CLASS = 0x4F52  # first key of our advisory locks ("OR"), an int4
-KEY_LOCK_CLASS = 0x4F4B  # a producer's per-key commit-order lock ("OK")
+# The producers' per-key lock of migration 0004, which 0005 removed ("OK").
+KEY_LOCK_CLASS = 0x4F4B
 MEMBER_LOCK_CLASS = 0x4F4D  # held shared by every running relay ("OM")
 PARTITION_LOCK_CLASS = 0x4F500000  # + partition number: owned by one relay
 KEY_PARTITIONS = 64  # ordering keys hash into this many (0004_ordered_delivery.sql)
+# Outbox-Sequence is (claim << CLAIM_SHIFT) + place in the claim (0005_causal_ordering.sql).
+CLAIM_SHIFT = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,9 @@ class Names:
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),
+            "claim_sequence": q("event_outbox_claim"),
+            "claim_sequence_literal": sql.Literal(q("event_outbox_claim").as_string()),
+            "claim_fence_function": q("event_outbox_claim_fence"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(
@@ -115,6 +121,13 @@ class Names:
 
     def _qualified(self, name: str) -> sql.Identifier:
         return sql.Identifier(self.schema, name)
+
+
+def ordering_key_of(table: str, column: str | None) -> sql.Composable:
+    """An event's ordering key in SQL: its key column as text (NULL: unkeyed)."""
+    if column is None:
+        return sql.NULL
+    return sql.SQL("{}::text").format(sql.Identifier(table, column))
 
 
 def render(text: str, names: Names, **extra: sql.Composable) -> sql.Composed:

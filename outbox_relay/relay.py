@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import os
 import random
 import socket
@@ -39,13 +40,16 @@ log = logging.getLogger(__name__)
 _STATEMENT_TIMEOUT = 30.0
 # How long the listener waits for a notification before it checks its connection.
 _LISTEN_PROBE_INTERVAL = 30.0
-# How soon to look again when producers are mid-commit as the relay goes idle.
-_IN_FLIGHT_RECHECK = 0.005
 _IDLE_SESSION_TIMEOUT_SINCE = 140000  # PostgreSQL 14
 # Longest an idle relay sleeps in ordered mode, between looks at the partitions.
 _REBALANCE_SLEEP = 2.0
 # How soon a relay below its share of partitions looks again.
 _SHORT_RECHECK = 0.1
+# A relay that has not been able to publish for this long gives its key partitions
+# back, so that the other relays deliver its keys (README: Liveness).
+STEP_DOWN_AFTER = 2.0
+# How often a relay that stepped down checks whether it can publish again.
+_REJOIN_CHECK = 1.0
 
 
 class _Idle(enum.Enum):
@@ -123,6 +127,15 @@ class Relay:
         )
         self._wakeup = Wakeup()
         self._partitions = PartitionOwner(self._store, self.relay_id)
+        self.metrics.partitions_owned.set_function(lambda: len(self._partitions.owned))
+        # Set when producers in flight keep the relay from sleeping: _wait_for_producers
+        # wakes the relay once they have committed.
+        self._producers_in_flight = Wakeup()
+        # Since when publishing has failed (None: it works), and whether this relay
+        # has given its partitions back because of it.
+        self._unpublishable_since: float | None = None
+        self._stepped_down = False
+        self._next_rejoin_check = 0.0
         self._idle = _Idle.BUSY
         self._holds_idle_lock = False
         self._stopping = anyio.Event()
@@ -157,6 +170,7 @@ class Relay:
             async with anyio.create_task_group() as tg:
                 await tg.start(self._listen)
                 tg.start_soon(self._watch)
+                tg.start_soon(self._wait_for_producers)
                 log.info(
                     "relay %s started: schema %s, stream %s, batch size %d, poll interval %s",
                     self.relay_id,
@@ -193,7 +207,13 @@ class Relay:
             log.info("%s", status.describe())
             for warning in status.warnings:
                 log.warning("%s", warning)
-            publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
+            publisher = Publisher(
+                nc,
+                nc.jetstream(),
+                settings.stream,
+                settings.publish_timeout,
+                ordered=settings.ordered,
+            )
             await publisher.start()
         except BaseException:
             await nc.close()
@@ -241,8 +261,11 @@ class Relay:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
                 await self._keep_session_alive()
+                await self._unpublishable()
                 await self._pause(outage.next_delay())
                 continue
+            if self._stepped_down:
+                await self._rejoin_when_publishable(publisher)
             self._wakeup.clear()
             try:
                 with anyio.fail_after(batch_deadline):
@@ -262,6 +285,7 @@ class Relay:
                 await self._reopen_session()
                 continue
             if result.transient:
+                await self._unpublishable()
                 delay = outage.next_delay()
                 log.warning(
                     "%d of %d messages not acknowledged (%s); retrying in %.1fs",
@@ -272,6 +296,8 @@ class Relay:
                 )
                 await self._pause(delay)
                 continue
+            if claimed:
+                self._unpublishable_since = None
             outage.reset()
             if wait:
                 if self._idle is _Idle.SLEPT:
@@ -306,10 +332,46 @@ class Relay:
             self._holds_idle_lock = True
         elif not await self._store.idle_lock_held_elsewhere(self._conn):
             # Producers between their insert and their commit hold the lock shared;
-            # they will not notify, so look again shortly.
-            return _IN_FLIGHT_RECHECK
+            # they will not notify. _wait_for_producers wakes us once they commit.
+            self._producers_in_flight.set()
+            return self.settings.poll_interval
         self._idle = _Idle.ANNOUNCED
         return 0  # the last poll before sleeping
+
+    async def _unpublishable(self) -> None:
+        """Publishing failed: past STEP_DOWN_AFTER, give the key partitions back."""
+        now = time.monotonic()
+        if self._unpublishable_since is None:
+            self._unpublishable_since = now
+        if (
+            self._stepped_down
+            or not self.settings.ordered
+            or now - self._unpublishable_since < STEP_DOWN_AFTER
+        ):
+            return
+        with contextlib.suppress(psycopg.Error, TimeoutError, ServerUnavailableError):
+            # On failure the session is gone, and its locks with it.
+            with anyio.fail_after(_STATEMENT_TIMEOUT):
+                await self._partitions.leave(self._conn)
+        self._partitions.forget()
+        self._stepped_down = True
+        log.warning(
+            "cannot publish for %.0fs: gave the key partitions back to the other relays",
+            now - self._unpublishable_since,
+        )
+
+    async def _rejoin_when_publishable(self, publisher: Publisher) -> None:
+        """Take a share of the partitions again once the stream answers."""
+        now = time.monotonic()
+        if now < self._next_rejoin_check:
+            return
+        self._next_rejoin_check = now + _REJOIN_CHECK
+        if not await publisher.stream_exists():
+            return
+        self._stepped_down = False
+        self._unpublishable_since = None
+        await self._partitions.join(self._conn)
+        log.info("publishing again: rejoined the relays")
 
     async def _end_idle(self) -> None:
         if self._holds_idle_lock:
@@ -374,9 +436,7 @@ class Relay:
             self.metrics.batch_rows.observe(len(messages))
             failpoint(AFTER_CLAIM)
             with self.metrics.publish_seconds.time():
-                result = await publisher.publish_batch(
-                    messages, ordered=settings.ordered, send_until=send_until
-                )
+                result = await publisher.publish_batch(messages, send_until=send_until)
             await self._store.delete(conn, result.published)
             outcome = await self._store.record_failures(conn, result.failures)
             failpoint(AFTER_ACK)
@@ -430,6 +490,7 @@ class Relay:
         """
         conn: psycopg.AsyncConnection[Any] | None = None
         bloated = False  # warn when the table turns bloated, not on every refresh
+        squatted = False  # likewise for partitions held by sessions that are not relays
         try:
             while True:
                 try:
@@ -442,7 +503,19 @@ class Relay:
                     with anyio.fail_after(_STATEMENT_TIMEOUT):
                         lag = await self._store.lag(conn)
                         health = await self._store.table_health(conn)
+                        squatters = (
+                            await self._store.partition_squatters(conn)
+                            if self.settings.ordered
+                            else []
+                        )
                     self.metrics.record_lag(lag, health)
+                    self.metrics.partitions_squatted.set(sum(s.partitions for s in squatters))
+                    if squatters and not squatted:
+                        for squatter in squatters:
+                            log.warning(
+                                "%s: their keys wait (README: Liveness)", squatter.describe()
+                            )
+                    squatted = bool(squatters)
                     bloat = health.bloat_warning()
                     if bloat and not bloated:
                         log.warning("%s", bloat)
@@ -462,6 +535,42 @@ class Relay:
                 else:
                     self._connections.nats = False
                 await anyio.sleep(self.settings.lag_interval)
+        finally:
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+
+    async def _wait_for_producers(self) -> None:
+        """Wake the relay when producers in flight have committed, without polling.
+
+        A connection of its own queues for the idle lock that in-flight producers hold
+        shared (sql/queries.sql: wait_for_producers). At most one poll interval, so a
+        producer that never commits costs a few statements per interval.
+        """
+        conn: psycopg.AsyncConnection[Any] | None = None
+        backoff = Backoff()
+        try:
+            while True:
+                await self._producers_in_flight.wait(math.inf)
+                self._producers_in_flight.clear()
+                try:
+                    if conn is None or conn.closed:
+                        conn = await connect_postgres(
+                            self.settings, application_name=self._application_name
+                        )
+                    at_most = self.settings.poll_interval
+                    with anyio.fail_after(at_most + _STATEMENT_TIMEOUT):
+                        await self._store.wait_for_producers(conn, at_most)
+                    backoff.reset()
+                except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
+                    if conn is not None and not _connection_lost(exc, conn):
+                        raise
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    # The relay loop handles the outage; just do not spin.
+                    await anyio.sleep(backoff.next_delay())
+                self._wakeup.set()
         finally:
             if conn is not None:
                 with anyio.CancelScope(shield=True):

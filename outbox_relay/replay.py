@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from outbox_relay.errors import ConfigError
-from outbox_relay.queries import Names, query
+from outbox_relay.queries import Names, ordering_key_of, query
 from outbox_relay.verify import Window
 
 
@@ -39,9 +39,14 @@ async def replay(
     subject_prefix: str,
     selection: ReplaySelection,
     *,
+    ordering_key: str | None = "execution_id",
     dry_run: bool = False,
 ) -> int:
-    """Enqueue the selected events again (or only count them); return how many."""
+    """Enqueue the selected events again (or only count them); return how many.
+
+    ``ordering_key``: the event column that keys each event, as the producer keyed
+    it (None: unkeyed).
+    """
     if selection.empty and not selection.everything:
         raise ConfigError(
             "select events with --execution-id, --from-id/--to-id or --since/--until, or pass --all"
@@ -53,7 +58,12 @@ async def replay(
         return int(row[0]) if row else 0
     try:
         cur = await conn.execute(
-            query("replay_events", names, filter=filter_),
+            query(
+                "replay_events",
+                names,
+                filter=filter_,
+                ordering_key=ordering_key_of("e", ordering_key),
+            ),
             {**selection.params(), "subject_prefix": subject_prefix},
         )
     except psycopg.errors.CheckViolation as exc:

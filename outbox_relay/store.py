@@ -13,7 +13,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.queries import Names, query
+from outbox_relay.errors import NotMigratedError
+from outbox_relay.queries import CLAIM_SHIFT, Names, query
+from outbox_relay.schema import latest_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,9 @@ class OutboxMessage:
     payload: bytes
     headers: dict[str, str] | None
     ordering_key: str | None = None
+    # Increases along each key's messages in the order they are published: the
+    # claim's number, then the row's place in it (Outbox-Sequence).
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,23 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Squatter:
+    """A session holding key partitions without being a relay."""
+
+    pid: int
+    user: str
+    application: str
+    client: str
+    partitions: int
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} (user {self.user or '?'}, application {self.application or '?'}, "
+            f"from {self.client}) holds {self.partitions} key partitions without being a relay"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimScope:
     """Which rows a claim may take: every row, or keyless rows and owned partitions'."""
 
@@ -107,6 +129,8 @@ UNORDERED = ClaimScope()
 
 class OutboxStore:
     def __init__(self, names: Names, retry: RetryPolicy) -> None:
+        # The version this release speaks: the claim fence refuses any other.
+        self._schema_version = latest_version()
         self._claim = query("claim_batch", names)
         self._delete = query("delete_published", names)
         self._record_failures = query("record_failures", names)
@@ -120,16 +144,33 @@ class OutboxStore:
         self._count_relays = query("count_relays", names)
         self._take_partitions = query("take_partitions", names)
         self._release_partitions = query("release_partitions", names)
+        self._leave_relays = query("leave_relays", names)
+        self._partition_squatters = query("partition_squatters", names)
+        self._announce_partitions = query("announce_partitions", names)
+        self._wait_for_producers = query("wait_for_producers", names)
         self._retry = retry
 
     async def claim(
         self, conn: psycopg.AsyncConnection[Any], limit: int, scope: ClaimScope = UNORDERED
     ) -> list[OutboxMessage]:
         """Lock up to ``limit`` due rows, oldest first, skipping rows other relays hold."""
+        params = {"limit": limit, "schema_version": self._schema_version, **scope.params()}
         # Binary results: bytea arrives as the stored bytes, with no hex decoding.
         async with conn.cursor(binary=True) as cur:
-            await cur.execute(self._claim, {"limit": limit, **scope.params()})
-            return [OutboxMessage(*row) for row in await cur.fetchall()]
+            try:
+                await cur.execute(self._claim, params)
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                # The claim fence: the schema moved on (sql/migrations/0005).
+                raise NotMigratedError(
+                    f"{exc.diag.message_primary}: {exc.diag.message_hint}"
+                ) from None
+            rows = await cur.fetchall()
+        return [
+            OutboxMessage(
+                row_id, msg_id, subject, payload, headers, key, (claim << CLAIM_SHIFT) + n
+            )
+            for n, (row_id, msg_id, subject, payload, headers, key, claim) in enumerate(rows)
+        ]
 
     async def delete(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> None:
         if ids:
@@ -225,3 +266,30 @@ class OutboxStore:
         if partitions:
             async with conn.transaction():
                 await conn.execute(self._release_partitions, {"partitions": list(partitions)})
+
+    async def leave_relays(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Stop counting among the relays (the partitions must be given back first)."""
+        async with conn.transaction():
+            await conn.execute(self._leave_relays)
+
+    async def announce_partitions(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Wake the other relays: partitions were given back."""
+        await self._flag(conn, self._announce_partitions)
+
+    async def partition_squatters(self, conn: psycopg.AsyncConnection[Any]) -> list[Squatter]:
+        cur = await conn.execute(self._partition_squatters)
+        return [Squatter(*row) for row in await cur.fetchall()]
+
+    async def wait_for_producers(self, conn: psycopg.AsyncConnection[Any], at_most: float) -> bool:
+        """Block until no producer is between its outbox insert and its commit.
+
+        False when producers were still in flight after ``at_most`` seconds.
+        """
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    self._wait_for_producers, {"lock_timeout": f"{int(at_most * 1000)}ms"}
+                )
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True

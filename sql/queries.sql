@@ -29,16 +29,19 @@ SELECT coalesce(max(version), 0) FROM {migrations_table};
 -- Row locks are the claim: they last until the batch's transaction ends, so a relay
 -- that dies (or whose session is killed) releases its rows to the others at once.
 --
--- Ordered mode (sql/migrations/0004_ordered_delivery.sql): a keyed row is claimed
--- only by the relay owning its partition, and only when no earlier row of its key
--- waits for a retry (a failed row: attempts > 0) or, with the hold policy, sits in
--- the dead letters.
-SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
+-- Ordered mode (sql/migrations/0005_causal_ordering.sql): a keyed row is claimed
+-- only by the relay owning its key's partition, and only when no earlier row of its
+-- key waits for a retry (a failed row: attempts > 0) or, with the hold policy, sits
+-- in the dead letters. Each claim draws one claim number for Outbox-Sequence, and
+-- passes the fence that stops a relay older than the schema.
+SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key,
+       (SELECT nextval({claim_sequence_literal}::regclass)) AS claim
 FROM {outbox_table} AS o
-WHERE o.next_attempt_at <= now()
+WHERE {claim_fence_function}(%(schema_version)s)
+  AND o.next_attempt_at <= now()
   AND (o.ordering_key IS NULL
        OR NOT %(ordered)s
-       OR (o.key_partition = ANY(%(partitions)s::smallint[])
+       OR ((hashtext(o.ordering_key) & 63) = ANY(%(partitions)s::int[])
            AND NOT EXISTS (
                SELECT FROM {outbox_table} AS b
                WHERE b.ordering_key = o.ordering_key AND b.id < o.id
@@ -182,13 +185,22 @@ DELETE FROM {dead_letter_table} WHERE {filter};
 SELECT pg_try_advisory_lock({idle_lock});
 
 -- name: idle_lock_held_elsewhere
--- Another relay already sleeps holding the idle lock, so producers notify.
+-- Another relay of this database and schema already sleeps holding the idle lock,
+-- so producers notify.
 SELECT EXISTS (
     SELECT FROM pg_locks
     WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND classid::bigint = {idle_lock_class} AND objid::bigint = {lock_object}
       AND pid <> pg_backend_pid()
 );
+
+-- name: wait_for_producers
+-- Queue for the idle lock until the producers in flight (holding it shared) have
+-- committed. While this waits, later producers cannot take it shared, so they
+-- notify. Transaction-level: released at once by the caller's commit.
+SELECT pg_advisory_xact_lock({idle_lock})
+FROM (SELECT set_config('lock_timeout', %(lock_timeout)s, true)) AS bounded;
 
 -- name: release_idle_lock
 SELECT pg_advisory_unlock({idle_lock});
@@ -210,13 +222,15 @@ SELECT count(*) FROM {event_table} AS e WHERE {filter};
 
 -- name: replay_events
 -- The payload is rendered as emit_event renders it, so a replayed message carries the
--- same bytes and the same msg id as the original.
-INSERT INTO {outbox_table} (event_id, subject, payload)
+-- same bytes, the same msg id and the same ordering key as the original. One
+-- statement, so all of it becomes visible at once and each key's events go out in
+-- event id order.
+INSERT INTO {outbox_table} (event_id, subject, payload, ordering_key)
 SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
-       convert_to(to_jsonb(e)::text, 'UTF8')
+       convert_to(to_jsonb(e)::text, 'UTF8'), {ordering_key}
 FROM {event_table} AS e
 WHERE {filter}
-ORDER BY e.execution_id, e.event_id;
+ORDER BY {ordering_key}, e.event_id;
 
 -- name: table_health
 -- Live and dead rows, size and last vacuum of the outbox table, for the bloat check.
@@ -235,10 +249,38 @@ SELECT set_config('idle_session_timeout', %(idle_session)s, false);
 -- tells each relay its fair share of the key partitions.
 SELECT pg_advisory_lock_shared({member_lock});
 
+-- name: leave_relays
+SELECT pg_advisory_unlock_shared({member_lock});
+
 -- name: count_relays
+-- Advisory locks are per database, but pg_locks shows the whole server's.
 SELECT count(*) FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid::bigint = {member_lock_class} AND objid::bigint = {lock_object};
+
+-- name: partition_squatters
+-- Sessions holding key partitions without being relays (not members): the keyed
+-- rows of those partitions wait until they let go.
+SELECT p.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
+       coalesce(host(a.client_addr), 'local'), count(*) AS partitions
+FROM pg_locks AS p
+LEFT JOIN pg_stat_activity AS a ON a.pid = p.pid
+WHERE p.locktype = 'advisory' AND p.granted AND p.objsubid = 2
+  AND p.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND p.classid::bigint BETWEEN {partition_lock_class} AND {partition_lock_class} + 63
+  AND p.objid::bigint = {lock_object}
+  AND NOT EXISTS (
+      SELECT FROM pg_locks AS m
+      WHERE m.pid = p.pid AND m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
+        AND m.database = p.database
+        AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object})
+GROUP BY p.pid, a.usename, a.application_name, a.client_addr
+ORDER BY p.pid;
+
+-- name: announce_partitions
+-- A relay that gave its partitions back wakes the others to take them.
+SELECT pg_notify({channel_literal}, '');
 
 -- name: take_partitions
 -- Try the candidates in order; stop after the wanted number are held.

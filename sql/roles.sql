@@ -23,6 +23,8 @@ GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer, 
 GRANT SELECT, UPDATE, DELETE ON {outbox_table} TO {relay_role};
 GRANT SELECT, INSERT ON {dead_letter_table} TO {relay_role};
 GRANT SELECT ON {lag_view} TO {relay_role}, {operator_role};
+GRANT USAGE ON SEQUENCE {claim_sequence} TO {relay_role};
+GRANT EXECUTE ON FUNCTION {claim_fence_function}(integer) TO {relay_role};
 
 GRANT SELECT ON {event_table} TO {operator_role};
 GRANT SELECT, INSERT ON {outbox_table} TO {operator_role};

@@ -1,4 +1,5 @@
-"""Ordered delivery: each key's rows reach the stream in commit order, across relays."""
+"""Ordered delivery: each key's rows reach the stream in causal order, across relays,
+without producers waiting for each other."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from collections import defaultdict
 from dataclasses import replace
 
 import anyio
+import anyio.to_thread
 import orjson
 import psycopg
+import pytest
 from nats.aio.client import Client as NATS
+from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -82,46 +86,115 @@ async def test_three_relays_keep_every_execution_in_commit_order(
     assert all(r.stats.published > 0 for r in (a, b, c)), [r.stats for r in (a, b, c)]
 
 
-async def test_commit_order_wins_over_id_order(outbox: Settings, nc: NATS) -> None:
-    """A later transaction of the same key waits for the first one's commit, so the
-    stream shows commit order even when the event ids say otherwise."""
+async def test_writers_of_one_key_never_wait_and_the_stream_follows_commit_order(
+    outbox: Settings, nc: NATS
+) -> None:
+    """A transaction that keeps a key's event open does not hold up the key's other
+    writers (issue: same-key writers waited for each other's whole transaction); the
+    later-committed row is published after the earlier-committed one."""
     producer = producer_for(outbox)
-    returned: dict[str, float] = {}
+    async with running_relay(outbox):
+        with (
+            psycopg.connect(outbox.database_url) as slow,
+            psycopg.connect(outbox.database_url) as quick,
+        ):
+            producer.emit_event(slow, event_type="a", execution_id=9, event_id=1000)
+            started = time.monotonic()
+            with anyio.fail_after(1):  # used to wait for the slow transaction's commit
+                await anyio.to_thread.run_sync(
+                    lambda: producer.emit_event(
+                        quick, event_type="b", execution_id=9, event_id=2000
+                    ),
+                    abandon_on_cancel=True,
+                )
+                await anyio.to_thread.run_sync(quick.commit, abandon_on_cancel=True)
+            assert time.monotonic() - started < 1
+            await wait_until(lambda: _stored_is(nc, outbox, ["2000"]))
+            slow.commit()
+        await wait_until(lambda: drained(outbox))
+    assert await _stored(nc, outbox) == ["2000", "1000"]  # commit order, not id order
+    assert (await verified(outbox, nc)).clean
 
+
+async def test_an_event_written_after_seeing_another_is_published_after_it(
+    outbox: Settings, nc: NATS
+) -> None:
+    """Causal order, the relay catching up afterwards: the later transaction began (and
+    wrote an event) before the earlier one, then read its commit and wrote another."""
+    producer = producer_for(outbox)
     with (
-        psycopg.connect(outbox.database_url) as first,
-        psycopg.connect(outbox.database_url) as second,
+        psycopg.connect(outbox.database_url) as later,
+        psycopg.connect(outbox.database_url) as earlier,
     ):
-        producer.emit_event(first, event_type="a", execution_id=9, event_id=2000)
-
-        def write_second() -> None:
-            # A smaller event id, written while the first transaction is open.
-            producer.emit_event(second, event_type="b", execution_id=9, event_id=1000)
-            returned["second"] = time.monotonic()
-            second.commit()
-
-        thread = threading.Thread(target=write_second)
-        thread.start()
-        await anyio.sleep(0.5)
-        assert "second" not in returned  # waiting for the first transaction's key
-        # Another key is not held up.
-        with psycopg.connect(outbox.database_url) as other:
-            producer.emit_event(other, event_type="c", execution_id=10, event_id=1500)
-            other.commit()
-        committed = time.monotonic()
-        first.commit()
-        thread.join(5)
-        assert returned["second"] >= committed
-
+        producer.emit_event(later, event_type="first", execution_id=5, event_id=10)
+        producer.emit_event(earlier, event_type="cause", execution_id=5, event_id=20)
+        earlier.commit()
+        seen = later.execute(
+            sql.SQL("SELECT event_id FROM {} WHERE event_id = 20").format(
+                sql.Identifier(outbox.schema, "event")
+            )
+        ).fetchall()
+        assert seen == [(20,)]
+        producer.emit_event(later, event_type="effect", execution_id=5, event_id=30)
+        later.commit()
     async with running_relay(outbox):
         await wait_until(lambda: drained(outbox))
-    nine = [
-        m.headers["Nats-Msg-Id"]
-        for m in await stream_messages(nc, outbox)
-        if m.headers and m.headers.get("Outbox-Ordering-Key") == "9"
-    ]
-    assert nine == ["2000", "1000"]  # commit order, not id order
+    stored = await _stored(nc, outbox)
+    assert stored.index("20") < stored.index("30"), stored
     assert (await verified(outbox, nc)).clean
+
+
+def _multi_key_transactions(settings: Settings, seconds: float) -> tuple[int, int, list[str]]:
+    """The deadlock pattern: 4 writers, each transaction 50 events over 7 executions,
+    half of the writers walking the executions in the opposite order."""
+    producer = producer_for(settings)
+    committed = [0]
+    aborted: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def write(worker: int) -> None:
+        executions = list(range(7)) if worker % 2 else list(range(6, -1, -1))
+        with psycopg.connect(settings.database_url) as conn:
+            while time.monotonic() < deadline:
+                try:
+                    with conn.transaction():
+                        for n in range(50):
+                            producer.emit_event(
+                                conn,
+                                event_type="batch.result",
+                                execution_id=executions[n % 7],
+                                node_id=f"{worker}-{n}",
+                            )
+                except psycopg.Error as exc:
+                    with lock:
+                        aborted.append(type(exc).__name__)
+                else:
+                    with lock:
+                        committed[0] += 1
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return committed[0], len(aborted), aborted[:5]
+
+
+@pytest.mark.slow
+async def test_transactions_over_several_keys_in_any_order_never_deadlock(
+    outbox: Settings, nc: NATS
+) -> None:
+    async with running_relay(outbox, "a"), running_relay(outbox, "b"):
+        committed, aborted, reasons = await anyio.to_thread.run_sync(
+            _multi_key_transactions, outbox, 60.0
+        )
+        await wait_until(lambda: drained(outbox), within=120)
+    assert aborted == 0, reasons
+    assert committed > 0
+    report = await verified(outbox, nc)
+    assert report.ok == committed * 50
+    assert report.clean, report.as_dict()
 
 
 def _enqueue(settings: Settings, subject: str, msg_id: str, key: str) -> None:

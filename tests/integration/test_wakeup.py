@@ -77,3 +77,41 @@ async def test_no_wakeup_is_lost_around_idle_transitions(outbox: Settings) -> No
                 await anyio.to_thread.run_sync(thread.join)
             await wait_until(lambda: drained(settings), within=10, interval=0.01)
             await anyio.sleep(rng.uniform(0, 0.05))  # land anywhere in the relays' cycle
+
+
+def statements_seen(settings: Settings, application_name: str, seconds: float) -> int:
+    """Distinct statement starts of the named sessions, sampled every millisecond or so."""
+    starts = set()
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            for pid, started in conn.execute(
+                "SELECT pid, query_start FROM pg_stat_activity WHERE application_name = %s",
+                (application_name,),
+            ):
+                starts.add((pid, started))
+    return len(starts)
+
+
+async def test_an_idle_relay_stays_idle_while_a_producer_transaction_is_open(
+    outbox: Settings,
+) -> None:
+    """It used to re-poll every 5 ms for as long as a producer that wrote while no relay
+    slept (so it holds the idle lock shared, and will not notify) stayed uncommitted."""
+    # The default poll interval; the lag watcher kept quiet.
+    settings = replace(outbox, poll_interval=5.0, lag_interval=3600.0)
+    producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
+    with psycopg.connect(settings.database_url) as conn:
+        producer.emit_event(conn, event_type="long.transaction", execution_id=1)
+        async with running_relay(settings, "idle"):
+            await anyio.sleep(1)
+            seconds = 6.0
+            seen = await anyio.to_thread.run_sync(
+                statements_seen, settings, "outbox-relay idle", seconds
+            )
+            conn.commit()
+            committed = time.monotonic()
+            await wait_until(lambda: drained(settings), within=5, interval=0.01)
+            # Woken by the commit itself, not by a poll.
+            assert time.monotonic() - committed < 1
+    assert seen / seconds <= 6, f"{seen} statements in {seconds:.0f} s"

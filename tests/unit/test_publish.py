@@ -16,11 +16,21 @@ from outbox_relay.store import OutboxMessage
 
 def test_message_headers_carry_the_event_id_and_the_expected_stream() -> None:
     message = OutboxMessage(1, "770446870097952768", "a.b", b"{}", {"traceparent": "00-x"})
-    assert message_headers(message, "noetl_events") == {
+    assert message_headers(message, "noetl_events", ordered=True) == {
         "traceparent": "00-x",
         MSG_ID_HEADER: "770446870097952768",
         "Nats-Expected-Stream": "noetl_events",
     }
+
+
+def test_keyed_rows_carry_their_key_and_publish_sequence_in_ordered_mode_only() -> None:
+    message = OutboxMessage(7, "42", "a.b", b"{}", None, ordering_key="9", sequence=3 << 20)
+    ordered = message_headers(message, "s", ordered=True)
+    assert ordered["Outbox-Ordering-Key"] == "9"
+    assert ordered["Outbox-Sequence"] == str(3 << 20)  # the claim's, not the outbox id
+    unordered = message_headers(message, "s", ordered=False)
+    assert "Outbox-Ordering-Key" not in unordered
+    assert "Outbox-Sequence" not in unordered
 
 
 def test_parse_ack_reads_acks_duplicates_and_errors_without_raising() -> None:
