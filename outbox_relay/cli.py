@@ -46,7 +46,7 @@ from outbox_relay.replay import ReplaySelection, replay
 from outbox_relay.schema import ensure_migrated, grant_roles, latest_version, migrate
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
 from outbox_relay.subjects import validate_subject
-from outbox_relay.verify import Report, VerificationFailed, Window, verify
+from outbox_relay.verify import PROBLEMS, Report, VerificationFailed, Window, verify
 
 log = logging.getLogger("outbox_relay")
 
@@ -170,6 +170,16 @@ NATS_OPTIONS = [
         help="How long start-up waits for each server.",
     ),
 ]
+# The event column that keys events: replay keys its rows by it, verify expects it.
+ORDERING_KEY_OPTIONS = [
+    _option(
+        "--ordering-key",
+        envvar="OUTBOX_ORDERING_KEY",
+        default=config.DEFAULT_ORDERING_KEY,
+        help="Event column that keys each event's delivery order, as producers key it "
+        "(empty: events are unkeyed).",
+    ),
+]
 RELAY_OPTIONS = [
     _option(
         "--batch-size",
@@ -282,6 +292,8 @@ def settings_from(options: dict[str, Any]) -> Settings:
     kwargs = {k: v for k, v in options.items() if k in known}
     if "ordering" in options:
         kwargs["ordered"] = options["ordering"]
+    if "ordering_key" in options:
+        kwargs["ordering_key"] = options["ordering_key"] or None
     if "nats_url" in options:
         kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
         kwargs["nats_auth"] = NatsAuth(
@@ -551,7 +563,7 @@ def _window(options: dict[str, Any]) -> Window:
 
 
 @cli.command("verify")
-@_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *WINDOW_OPTIONS])
+@_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(as_json: bool, **options: Any) -> None:
     """Check every event id of a window: ok, pending, lost, duplicate or unexpected.
@@ -575,17 +587,16 @@ def verify_command(as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(summary).decode())
     else:
-        for key in ("ok", "pending", "lost", "duplicate", "unexpected", "out_of_order"):
+        for key in ("ok", "pending", *PROBLEMS):
             click.echo(f"{key:<14}{summary[key]}")
     if not report.clean:
         raise VerificationFailed(
-            f"{summary['lost']} lost, {summary['duplicate']} duplicate, "
-            f"{summary['unexpected']} unexpected, {summary['out_of_order']} out of order"
+            ", ".join(f"{summary[key]} {key.replace('_', ' ')}" for key in PROBLEMS)
         )
 
 
 @cli.command("replay")
-@_with([*DATABASE_OPTIONS, *WINDOW_OPTIONS])
+@_with([*DATABASE_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
 @click.option(
     "--subject-prefix",
     envvar="OUTBOX_SUBJECT_PREFIX",
@@ -620,7 +631,14 @@ def replay_command(
     async def go() -> int:
         async with await connect_postgres(settings) as conn:
             await ensure_migrated(conn, settings.names)
-            count = await replay(conn, settings.names, subject_prefix, selection, dry_run=dry_run)
+            count = await replay(
+                conn,
+                settings.names,
+                subject_prefix,
+                selection,
+                ordering_key=settings.ordering_key,
+                dry_run=dry_run,
+            )
             await conn.commit()
             return count
 

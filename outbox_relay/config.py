@@ -17,6 +17,8 @@ from outbox_relay.subjects import validate_subject
 DEFAULT_STREAM = "noetl_events"
 DEFAULT_SUBJECT_PREFIX = "noetl.events"
 DEFAULT_SCHEMA = "noetl"
+# The event column whose value keys an event's delivery order (README: Ordering).
+DEFAULT_ORDERING_KEY = "execution_id"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # NATS's default max_payload; the producer refuses larger payloads before commit.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -133,6 +135,9 @@ class Settings:
     ordered: bool = True
     # A dead-lettered keyed row: "hold" its key's later rows, or "skip" past it.
     dead_letter_policy: str = "hold"
+    # The event column that keys events, as producers key them (OUTBOX_ORDERING_KEY):
+    # replay keys its rows by it, verify expects it on every event message.
+    ordering_key: str | None = DEFAULT_ORDERING_KEY
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +161,7 @@ class Settings:
         _require(1 <= self.batch_size <= 10_000, "batch size must be between 1 and 10000")
         _require(self.max_attempts >= 1, "max attempts must be at least 1")
         _require(0 <= self.metrics_port <= 65535, "metrics port must be between 0 and 65535")
+        _require(self.ordering_key != "", "ordering key must be a column name, or None")
         _require(
             self.dead_letter_policy in {"hold", "skip"},
             f"dead letter policy must be hold or skip, not {self.dead_letter_policy!r}",

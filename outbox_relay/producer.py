@@ -22,7 +22,12 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from outbox_relay.config import DEFAULT_MAX_PAYLOAD, DEFAULT_SCHEMA, DEFAULT_SUBJECT_PREFIX
+from outbox_relay.config import (
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_ORDERING_KEY,
+    DEFAULT_SCHEMA,
+    DEFAULT_SUBJECT_PREFIX,
+)
 from outbox_relay.errors import (
     ConfigError,
     InvalidHeadersError,
@@ -61,7 +66,7 @@ class Producer:
     ids: SnowflakeGenerator | None = None
     # The event column whose value orders an event's delivery among its key's
     # (README: Ordering); None leaves events unordered.
-    ordering_key: str | None = "execution_id"
+    ordering_key: str | None = DEFAULT_ORDERING_KEY
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +93,7 @@ class Producer:
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
             max_payload=max_payload,
             ids=None if shard_id is None else SnowflakeGenerator(shard_id),
-            ordering_key=os.environ.get("OUTBOX_ORDERING_KEY", "execution_id") or None,
+            ordering_key=os.environ.get("OUTBOX_ORDERING_KEY", DEFAULT_ORDERING_KEY) or None,
         )
 
     # -- NoETL events -------------------------------------------------------------

@@ -9,7 +9,11 @@ Each event id of a window is classified as
 * ``unexpected``: in the stream, never committed;
 
 and every ordering key's messages are checked to stand in the stream in the order
-their key's rows were committed (``out_of_order`` counts those that do not).
+the relay published them (``out_of_order`` counts those that do not: a relay that
+kept publishing after it lost its key's partition, say). An event message whose
+key (``--ordering-key``, the producers' key column, read from the payload) is
+missing from its ordering headers is ``unkeyed``: a relay or a replay that dropped
+the order.
 
 The stream keeps messages for its max age only: verify windows inside it.
 """
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from nats.js import JetStreamContext
 
@@ -33,6 +38,8 @@ from outbox_relay.publish import MSG_ID_HEADER, ORDERING_KEY_HEADER, SEQUENCE_HE
 from outbox_relay.queries import query
 
 SAMPLE = 20  # problem ids listed per class; counts are always complete
+# The classes that make a report unclean.
+PROBLEMS = ("lost", "duplicate", "unexpected", "out_of_order", "unkeyed")
 
 
 class VerificationFailed(OutboxError):
@@ -77,19 +84,17 @@ class Report:
     duplicate: dict[int, int] = field(default_factory=dict)  # event id -> copies
     unexpected: list[int] = field(default_factory=list)
     out_of_order: list[int] = field(default_factory=list)  # stored before an earlier one
+    unkeyed: list[int] = field(default_factory=list)  # event messages without their key
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.duplicate or self.unexpected or self.out_of_order)
+        return not any(getattr(self, problem) for problem in PROBLEMS)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
             "pending": len(self.pending),
-            "lost": len(self.lost),
-            "duplicate": len(self.duplicate),
-            "unexpected": len(self.unexpected),
-            "out_of_order": len(self.out_of_order),
+            **{problem: len(getattr(self, problem)) for problem in PROBLEMS},
             "clean": self.clean,
             "samples": {
                 "pending": sorted(self.pending)[:SAMPLE],
@@ -97,6 +102,7 @@ class Report:
                 "duplicate": {str(k): v for k, v in sorted(self.duplicate.items())[:SAMPLE]},
                 "unexpected": sorted(self.unexpected)[:SAMPLE],
                 "out_of_order": self.out_of_order[:SAMPLE],
+                "unkeyed": sorted(self.unkeyed)[:SAMPLE],
             },
         }
 
@@ -154,6 +160,7 @@ async def verify(
         waiting = {row[0] for row in await cur.fetchall()}
     stored: Counter[int] = Counter()
     keyed: list[tuple[int, str, int]] = []
+    unkeyed: list[int] = []
     for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
         headers = message.header or {}
         msg_id = headers.get(MSG_ID_HEADER, "")
@@ -162,10 +169,29 @@ async def verify(
             key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
             if key is not None and sequence.isdigit():
                 keyed.append((int(msg_id), key, int(sequence)))
+            expected = event_key(message.data, settings.ordering_key)
+            if expected is not None and (key != expected or not sequence.isdigit()):
+                unkeyed.append(int(msg_id))
     late = [i for i in stored if i not in committed]
     if late:
         cur = await conn.execute(query("verify_exists", names), {"ids": late})
         committed |= {row[0] for row in await cur.fetchall()}
     report = classify_ids(committed, waiting, stored)
     report.out_of_order = out_of_order(keyed)
+    report.unkeyed = unkeyed
     return report
+
+
+def event_key(payload: bytes, column: str | None) -> str | None:
+    """The ordering key an event message should carry: its key column, as SQL's
+    ``::text`` renders it (None: unkeyed, or not an event row)."""
+    if column is None:
+        return None
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    value = event.get(column) if isinstance(event, dict) else None
+    if value is None or isinstance(value, bool | dict | list):
+        return None
+    return str(value)

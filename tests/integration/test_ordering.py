@@ -95,8 +95,9 @@ async def test_writers_of_one_key_never_wait_and_the_stream_follows_commit_order
     producer = producer_for(outbox)
     async with running_relay(outbox):
         with (
-            psycopg.connect(outbox.database_url) as slow,
             psycopg.connect(outbox.database_url) as quick,
+            # Left first, so a failed check cannot leave quick blocked behind it.
+            psycopg.connect(outbox.database_url) as slow,
         ):
             producer.emit_event(slow, event_type="a", execution_id=9, event_id=1000)
             started = time.monotonic()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import anyio
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
@@ -70,3 +72,33 @@ async def test_lost_pending_duplicate_and_unexpected_are_reported(
         "duplicate": 1,
         "unexpected": 1,
     }
+
+
+async def test_an_event_message_without_its_ordering_headers_is_a_violation(
+    outbox: Settings, nc: NATS
+) -> None:
+    """What a replay or a relay of an older release that dropped the key leaves behind;
+    verify used to call it clean."""
+    async with running_relay(outbox):
+        emit_events(outbox, 3, execution_id=7)
+        await wait_until(lambda: drained(outbox))
+    keyed = await run_verify(outbox, nc)
+    assert keyed["ok"] == 3
+    # The same kind of row published by hand, without Outbox-Ordering-Key/-Sequence.
+    stray = emit_events(outbox, 1, execution_id=7)
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        cur = await conn.execute(
+            sql.SQL("DELETE FROM {} RETURNING subject, payload").format(
+                sql.Identifier(outbox.schema, "event_outbox")
+            )
+        )
+        subject, payload = (await cur.fetchall())[0]
+    await nc.jetstream().publish(subject, bytes(payload), headers={"Nats-Msg-Id": stray[0]})
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        report = await verify(conn, nc.jetstream(), outbox, ALL)
+    assert report.unkeyed == [int(stray[0])]
+    assert not report.clean
+    # Told that events are unkeyed, verify expects no key.
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        unkeyed = replace(outbox, ordering_key=None)
+        assert (await verify(conn, nc.jetstream(), unkeyed, ALL)).unkeyed == []
