@@ -523,7 +523,9 @@ def check_command(**options: Any) -> None:
     async def go() -> None:
         async with await connect_postgres(settings, autocommit=True) as conn:
             await ensure_migrated(conn, settings.names)
-            health = await OutboxStore(settings.names, RetryPolicy()).table_health(conn)
+            store = OutboxStore(settings.names, RetryPolicy())
+            health = await store.table_health(conn)
+            squatters = await store.partition_squatters(conn)
         click.echo(f"postgres: ok, schema {settings.schema} at version {latest_version()}")
         click.echo(
             f"outbox table: {health.live_rows:,} live rows, {health.dead_rows:,} dead, "
@@ -539,6 +541,12 @@ def check_command(**options: Any) -> None:
         finally:
             await nc.close()
         click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
+        if squatters:
+            pids = ", ".join(str(s.pid) for s in squatters)
+            raise OutboxError(
+                "; ".join(s.describe() for s in squatters)
+                + f": their keys' rows wait. End them: SELECT pg_terminate_backend(pid) for {pids}"
+            )
 
     _run_async(go)
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import random
 import signal
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import psycopg
 import pytest
 from nats.aio.client import Client as NATS
+from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -22,13 +25,17 @@ from outbox_relay.schema import migrate
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import RelayProcess
 from tests.conftest import make_settings
-from tests.helpers import drained, wait_until
+from tests.helpers import drained, fetch_all, wait_until
 from tests.servers import Servers
 
 pytestmark = pytest.mark.slow
 
 # What each fault test measured, shown at the end of the run.
 RESULTS: list[tuple[str, dict[str, Any]]] = []
+# Seconds from the end of each fault until the backlog it left was delivered.
+RECOVERY: dict[str, float] = {}
+# The bound README: Liveness states for that; a test past it fails.
+RECOVERY_BOUND = 10.0
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -36,12 +43,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     terminalreporter.section("fault injection: verify after each fault")
     terminalreporter.write_line(
-        f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}"
+        f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}{'unkey':>7}"
+        f"{'recovery':>10}"
     )
     for name, summary in RESULTS:
+        recovery = f"{RECOVERY[name]:.1f}s" if name in RECOVERY else "-"
         terminalreporter.write_line(
             f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
-            f"{summary['unexpected']:>7}{summary['out_of_order']:>7}"
+            f"{summary['unexpected']:>7}{summary['out_of_order']:>7}{summary['unkeyed']:>7}"
+            f"{recovery:>10}"
         )
 
 
@@ -144,10 +154,43 @@ async def assert_nothing_lost_or_doubled(
     summary = report.as_dict()
     RESULTS.append((name, summary))
     assert summary["lost"] == summary["duplicate"] == summary["unexpected"] == 0, summary
-    assert summary["out_of_order"] == 0, summary
+    assert summary["out_of_order"] == summary["unkeyed"] == 0, summary
     assert summary["pending"] == 0, summary
     assert summary["ok"] > 0, summary
     return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Heal:
+    """The moment a fault ended, and the last outbox row committed before it."""
+
+    at: float
+    last_row: int
+
+
+async def healed(settings: Settings) -> Heal:
+    rows = await fetch_all(
+        settings,
+        sql.SQL("SELECT coalesce(max(id), 0) FROM {}").format(
+            sql.Identifier(settings.schema, "event_outbox")
+        ),
+    )
+    return Heal(time.monotonic(), int(rows[0][0]))
+
+
+async def assert_recovered(name: str, settings: Settings, heal: Heal) -> float:
+    """Wait for the backlog the fault left; fail past RECOVERY_BOUND seconds."""
+    left = sql.SQL("SELECT count(*) FROM {} WHERE id <= %s").format(
+        sql.Identifier(settings.schema, "event_outbox")
+    )
+
+    async def delivered() -> bool:
+        return bool((await fetch_all(settings, left, (heal.last_row,)))[0][0] == 0)
+
+    await wait_until(delivered, within=3 * RECOVERY_BOUND, interval=0.1)
+    RECOVERY[name] = elapsed = time.monotonic() - heal.at
+    assert elapsed <= RECOVERY_BOUND, f"{name}: backlog delivered {elapsed:.1f}s after the heal"
+    return elapsed
 
 
 async def all_started(*relays: RelayProcess) -> bool:

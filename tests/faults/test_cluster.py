@@ -15,7 +15,13 @@ from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import connect_nats
 from tests.acceptance.cli import env_for, relay_process
 from tests.conftest import make_settings
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, migrated
+from tests.faults.conftest import (
+    Load,
+    assert_nothing_lost_or_doubled,
+    assert_recovered,
+    healed,
+    migrated,
+)
 from tests.helpers import drained, wait_until
 from tests.servers import Servers
 
@@ -92,12 +98,12 @@ async def test_r3_stream_leader_killed_under_load(
             victim.signal(signal.SIGKILL)
             await anyio.sleep(8)
             await anyio.to_thread.run_sync(victim.start)  # same port, same store
-            await anyio.sleep(5)
+            heal = await healed(settings)
+            name = f"R3 stream, leader {leader} killed and restarted, under load"
+            await assert_recovered(name, settings, heal)
             load.stop()
         await wait_until(lambda: drained(settings), within=90)
         relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=15) == 0
     await nc.close()
-    await assert_nothing_lost_or_doubled(
-        f"R3 stream, leader {leader} killed and restarted, under load", settings
-    )
+    await assert_nothing_lost_or_doubled(name, settings)

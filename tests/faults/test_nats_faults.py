@@ -17,8 +17,10 @@ from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window
 from tests.acceptance.cli import env_for, relay_process
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled
+from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, assert_recovered, healed
 from tests.helpers import drained, fetch_all, lag, running_relay, wait_until
+
+NATS_FROZEN = "nats-server frozen (SIGSTOP) 8 s under load"
 
 
 async def test_nats_stopped_30s_under_load_then_restarted(
@@ -34,7 +36,8 @@ async def test_nats_stopped_30s_under_load_then_restarted(
             await anyio.sleep(30)
             assert (await lag(settings)).pending > 0
             own_nats.start()  # same port, same store
-            await anyio.sleep(3)
+            heal = await healed(settings)
+            await assert_recovered("nats-server stopped 30 s under load", settings, heal)
             load.stop()
         await wait_until(lambda: drained(settings), within=60)
         assert relay.process.poll() is None  # it waited the outage out
@@ -56,13 +59,14 @@ async def test_nats_frozen_publishes_time_out_and_nothing_is_marked(
             own_nats.signal(signal.SIGSTOP)
             await anyio.sleep(8)
             own_nats.signal(signal.SIGCONT)
-            await anyio.sleep(3)
+            heal = await healed(settings)
+            await assert_recovered(NATS_FROZEN, settings, heal)
             load.stop()
         await wait_until(lambda: drained(settings), within=60)
         relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=15) == 0
     assert "no PubAck before the publish timeout" in relay.output()
-    await assert_nothing_lost_or_doubled("nats-server frozen (SIGSTOP) 8 s under load", settings)
+    await assert_nothing_lost_or_doubled(NATS_FROZEN, settings)
 
 
 async def test_a_nats_client_that_gave_up_is_rebuilt(on_own_nats: Settings) -> None:

@@ -14,9 +14,17 @@ from outbox_relay.embedded import EmbeddedPostgres
 from outbox_relay.producer import Producer
 from tests.acceptance.cli import env_for, relay_process
 from tests.conftest import make_settings
-from tests.faults.conftest import Load, assert_nothing_lost_or_doubled, migrated
+from tests.faults.conftest import (
+    Load,
+    assert_nothing_lost_or_doubled,
+    assert_recovered,
+    healed,
+    migrated,
+)
 from tests.helpers import drained, running_relay, wait_until
 from tests.servers import Servers
+
+POSTGRES_RESTARTED = "PostgreSQL restarted (immediate) + sessions killed, under load"
 
 
 @pytest.fixture
@@ -41,7 +49,8 @@ async def test_postgres_crash_restart_and_killed_sessions_under_load(
             tg.start_soon(load.run)
             await anyio.sleep(2)
             await anyio.to_thread.run_sync(own_postgres.restart, "immediate")
-            await anyio.sleep(3)
+            heal = await healed(settings)
+            await assert_recovered(POSTGRES_RESTARTED, settings, heal)
             for _ in range(5):  # the listener, and the claim session, again and again
                 async with await psycopg.AsyncConnection.connect(
                     settings.database_url, autocommit=True
@@ -68,9 +77,7 @@ async def test_postgres_crash_restart_and_killed_sessions_under_load(
         assert relay.wait(timeout=15) == 0
     assert "PostgreSQL unavailable" in relay.output()
     assert "listener lost its connection" in relay.output()
-    await assert_nothing_lost_or_doubled(
-        "PostgreSQL restarted (immediate) + sessions killed, under load", settings
-    )
+    await assert_nothing_lost_or_doubled(POSTGRES_RESTARTED, settings)
 
 
 async def test_commit_order_stragglers_are_not_skipped(on_shared: Settings) -> None:
