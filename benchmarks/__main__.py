@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import backlog, drain, latency, producer_overhead, scaling
+from benchmarks import backlog, drain, latency, producer_keys, producer_overhead, scaling
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,6 +29,9 @@ async def run_all(quick: bool) -> dict[str, Any]:
         "drain_4k": await drain.main(100_000 // scale, 4096, 3),
         "producer_overhead": await producer_overhead.main(
             [1, 8, 32, 64], 4 // min(scale, 2), 1 if quick else 3
+        ),
+        "producer_keys": await producer_keys.main(
+            [1, 10, 1000], 4 // min(scale, 2), 1 if quick else 3
         ),
         "latency": await latency.main([100, 1000, 5000], 10 / scale),
         "backlog": await backlog.main(1_000_000 // scale, 300),
