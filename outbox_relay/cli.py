@@ -554,9 +554,9 @@ def _window(options: dict[str, Any]) -> Window:
 @_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(as_json: bool, **options: Any) -> None:
-    """Check every event id of a window: ok, pending, lost, duplicate or unexpected.
+    """Check every event of a window: ok, pending, lost, duplicate, unexpected or collided.
 
-    Exits 5 when anything is lost, duplicated or unexpected.
+    Exits 5 when anything is lost, duplicated, unexpected or collided.
     """
     window = _window(options)
     settings = settings_from(options)
@@ -575,12 +575,13 @@ def verify_command(as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(summary).decode())
     else:
-        for key in ("ok", "pending", "lost", "duplicate", "unexpected", "out_of_order"):
+        for key in ("ok", "pending", "lost", "duplicate", "unexpected", "out_of_order", "collided"):
             click.echo(f"{key:<14}{summary[key]}")
     if not report.clean:
         raise VerificationFailed(
             f"{summary['lost']} lost, {summary['duplicate']} duplicate, "
-            f"{summary['unexpected']} unexpected, {summary['out_of_order']} out of order"
+            f"{summary['unexpected']} unexpected, {summary['out_of_order']} out of order, "
+            f"{summary['collided']} collided"
         )
 
 

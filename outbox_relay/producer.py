@@ -34,6 +34,8 @@ from outbox_relay.ids import (
     LEASED_INSTANCE_BITS,
     LEASED_INSTANCES,
     SnowflakeGenerator,
+    leased_instance,
+    refuse_noetls_shard,
     shard_id_from_env,
 )
 from outbox_relay.queries import Names, query
@@ -72,6 +74,8 @@ class Producer:
             raise ConfigError("max payload must be at least 1 byte")
         if self.ordering_key == "":
             raise ConfigError("ordering key column must be a column name, or None")
+        if self.ids is not None:
+            refuse_noetls_shard(self.ids)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -181,8 +185,8 @@ class Producer:
         params = {"sequence": self.names.instance_sequence, "instances": LEASED_INSTANCES}
         return query("lease_instance", self.names), params
 
-    def _adopt(self, instance: int) -> SnowflakeGenerator:
-        leased = SnowflakeGenerator(instance, instance_bits=LEASED_INSTANCE_BITS)
+    def _adopt(self, lease: int) -> SnowflakeGenerator:
+        leased = SnowflakeGenerator(leased_instance(lease), instance_bits=LEASED_INSTANCE_BITS)
         return _leased.setdefault(self.schema, leased)
 
     # -- statements (pure) -------------------------------------------------------------

@@ -120,13 +120,13 @@ SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s
 LISTEN {channel};
 
 -- name: verify_committed
--- Event ids committed in the window (bounds inclusive, NULL for open).
-SELECT event_id FROM {event_table}
+-- Events committed in the window (bounds inclusive, NULL for open).
+SELECT execution_id, event_id FROM {event_table}
 WHERE (%(from_id)s::bigint IS NULL OR event_id >= %(from_id)s)
   AND (%(to_id)s::bigint IS NULL OR event_id <= %(to_id)s);
 
 -- name: verify_exists
-SELECT event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
+SELECT execution_id, event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
 
 -- name: verify_pending
 -- Event ids still waiting in the outbox or parked in the dead letters.

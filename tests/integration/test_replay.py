@@ -20,6 +20,13 @@ from tests.helpers import (
     stream_messages,
     wait_until,
 )
+from tests.noetl import EVENT_TABLES, migrated
+
+
+@pytest.fixture(params=EVENT_TABLES)
+async def outbox(request: pytest.FixtureRequest, unmigrated: Settings) -> Settings:
+    """Every test here runs over our event table and over NoETL's."""
+    return await migrated(unmigrated, request.param)
 
 
 async def _replay(settings: Settings, selection: ReplaySelection, *, dry_run: bool = False) -> int:
