@@ -96,6 +96,7 @@ class Names:
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),
+            "payload_function": q("event_outbox_payload"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(

@@ -95,7 +95,7 @@ SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %
 
 -- name: emit_event
 -- The event row and its outbox row in one statement; the payload is the row exactly
--- as to_jsonb() renders it, defaults included.
+-- as to_jsonb() renders it, defaults included, whatever the session's settings.
 WITH event AS (
     INSERT INTO {event_table} ({columns}) VALUES ({values})
     RETURNING *
@@ -103,7 +103,7 @@ WITH event AS (
 SELECT event.event_id,
        {enqueue_function}(
            %(subject)s,
-           convert_to(to_jsonb(event)::text, 'UTF8'),
+           {payload_function}(event),
            event.event_id::text,
            %(headers)s,
            %(max_payload)s,
@@ -213,7 +213,7 @@ SELECT count(*) FROM {event_table} AS e WHERE {filter};
 -- same bytes and the same msg id as the original.
 INSERT INTO {outbox_table} (event_id, subject, payload)
 SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
-       convert_to(to_jsonb(e)::text, 'UTF8')
+       {payload_function}(e)
 FROM {event_table} AS e
 WHERE {filter}
 ORDER BY e.execution_id, e.event_id;
