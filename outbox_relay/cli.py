@@ -539,15 +539,19 @@ WINDOW_OPTIONS = [
 ]
 
 
-def _window(options: dict[str, Any]) -> Window:
-    """The event-id window of the WINDOW_OPTIONS, taken out of ``options``."""
+def _window_bounds(options: dict[str, Any]) -> tuple[Window, datetime | None, datetime | None]:
+    """The id window and the time span of the WINDOW_OPTIONS, taken out of ``options``."""
     from_id, to_id = options.pop("from_id"), options.pop("to_id")
     since, until = options.pop("since"), options.pop("until")
     if (from_id is not None or to_id is not None) and (since or until):
         raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
-    if since or until:
-        return Window.between(_moment(since), _moment(until))
-    return Window(from_id, to_id)
+    return Window(from_id, to_id), _moment(since), _moment(until)
+
+
+def _window(options: dict[str, Any]) -> Window:
+    """The event-id window of the WINDOW_OPTIONS; a time span becomes the ids minted in it."""
+    window, since, until = _window_bounds(options)
+    return Window.between(since, until) if since or until else window
 
 
 @cli.command("verify")
@@ -611,7 +615,8 @@ def replay_command(
     Inside the stream's duplicate window a replayed event is collapsed with its first
     copy; use it for a new consumer's backfill or a lost stream.
     """
-    selection = ReplaySelection(_window(options), execution_ids or None, everything)
+    window, since, until = _window_bounds(options)
+    selection = ReplaySelection(window, execution_ids or None, everything, since, until)
     settings = settings_from(options)
     try:
         validate_subject(subject_prefix)

@@ -200,19 +200,24 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %(role)s);
 CREATE ROLE {role} NOLOGIN;
 
 -- name: replay_filter
--- Which events a replay re-enqueues; every filter is optional.
+-- Which events a replay re-enqueues; every filter is optional. A time span reads the
+-- event's created_at (a timestamp NoETL writes in UTC), not the time bits of its id:
+-- NoETL's servers do not all put them in the same place.
 (%(execution_ids)s::bigint[] IS NULL OR e.execution_id = ANY(%(execution_ids)s::bigint[]))
 AND (%(from_id)s::bigint IS NULL OR e.event_id >= %(from_id)s)
 AND (%(to_id)s::bigint IS NULL OR e.event_id <= %(to_id)s)
+AND (%(since)s::timestamptz IS NULL OR e.created_at >= (%(since)s::timestamptz AT TIME ZONE 'UTC'))
+AND (%(until)s::timestamptz IS NULL OR e.created_at <= (%(until)s::timestamptz AT TIME ZONE 'UTC'))
 
 -- name: replay_count
 SELECT count(*) FROM {event_table} AS e WHERE {filter};
 
 -- name: replay_events
 -- The payload is rendered as emit_event renders it, so a replayed message carries the
--- same bytes and the same msg id as the original.
+-- same bytes and the same msg id as the original. NoETL allows a NULL event type; its
+-- tailer published those as 'unknown'.
 INSERT INTO {outbox_table} (event_id, subject, payload)
-SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
+SELECT e.event_id::text, %(subject_prefix)s || '.' || coalesce(e.event_type, 'unknown'),
        {payload_function}(e)
 FROM {event_table} AS e
 WHERE {filter}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+import psycopg
 import pytest
 from nats.aio.client import Client as NATS
+from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ConfigError
+from outbox_relay.ids import EPOCH_MS
 from outbox_relay.jetstream import ensure_stream
 from outbox_relay.replay import ReplaySelection, replay
 from outbox_relay.verify import Window
@@ -15,12 +20,14 @@ from tests.helpers import (
     assert_exactly_once,
     drained,
     emit_events,
+    fetch_all,
+    producer_for,
     running_relay,
     stream_count,
     stream_messages,
     wait_until,
 )
-from tests.noetl import EVENT_TABLES, migrated
+from tests.noetl import EVENT_TABLES, NOETL_CATALOG_ID, event_columns, migrated
 
 
 @pytest.fixture(params=EVENT_TABLES)
@@ -79,3 +86,48 @@ async def test_an_unbounded_replay_needs_all(outbox: Settings) -> None:
     with pytest.raises(ConfigError, match="--all"):
         await _replay(outbox, ReplaySelection())
     assert await _replay(outbox, ReplaySelection(everything=True), dry_run=True) == 2
+
+
+async def test_a_null_event_type_is_replayed_as_unknown(noetl_outbox: Settings) -> None:
+    # NoETL allows it; its tailer published such events as <prefix>.unknown.
+    schema = sql.Identifier(noetl_outbox.schema)
+    with psycopg.connect(noetl_outbox.database_url) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.event (event_id, execution_id, catalog_id, event_type)"
+                " VALUES ({s}.snowflake_id(), 7, %s, NULL)"
+            ).format(s=schema),
+            (NOETL_CATALOG_ID,),
+        )
+    assert await _replay(noetl_outbox, ReplaySelection(execution_ids=(7,))) == 1
+    rows = await fetch_all(
+        noetl_outbox, sql.SQL("SELECT subject FROM {s}.event_outbox").format(s=schema)
+    )
+    assert rows == [(f"{noetl_outbox.subject_prefix}.unknown",)]
+
+
+def _rust_id(moment: datetime, sequence: int) -> int:
+    """An id as NoETL's Rust server mints it: (ms << 22) | (node << 12) | sequence."""
+    return ((int(moment.timestamp() * 1000) - EPOCH_MS) << 22) | (3 << 12) | sequence
+
+
+async def test_a_time_window_selects_by_the_events_time_not_its_id_bits(
+    outbox: Settings,
+) -> None:
+    now = datetime.now(UTC)
+    producer = producer_for(outbox)
+    with psycopg.connect(outbox.database_url) as conn:
+        for sequence, age in enumerate((timedelta(0), timedelta(minutes=1), timedelta(days=2))):
+            moment = now - age
+            producer.emit_event(
+                conn,
+                event_type="rust.minted",
+                execution_id=5,
+                event_id=_rust_id(moment, sequence),
+                created_at=moment.replace(tzinfo=None),  # NoETL's created_at: UTC wall time
+                **event_columns(outbox),
+            )
+    recent = ReplaySelection(since=now - timedelta(minutes=10))
+    assert await _replay(outbox, recent, dry_run=True) == 2
+    older = ReplaySelection(until=now - timedelta(days=1))
+    assert await _replay(outbox, older, dry_run=True) == 1
