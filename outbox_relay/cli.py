@@ -324,13 +324,20 @@ def cli(log_level: str, log_format: LogFormat) -> None:
 
 @cli.command("migrate")
 @_with(DATABASE_OPTIONS)
-def migrate_command(**options: Any) -> None:
+@_option(
+    "--create-event-table",
+    envvar="OUTBOX_CREATE_EVENT_TABLE",
+    is_flag=True,
+    default=False,
+    help="On a first run without NoETL's event table, create a standalone one.",
+)
+def migrate_command(create_event_table: bool, **options: Any) -> None:
     """Create or upgrade the outbox schema (idempotent; safe to run from every replica)."""
     settings = settings_from(options)
 
     async def go() -> None:
         async with await connect_postgres(settings) as conn:
-            applied = await migrate(conn, settings.names)
+            applied = await migrate(conn, settings.names, create_event_table=create_event_table)
         if applied:
             for migration in applied:
                 click.echo(f"applied {migration.version:04d}_{migration.name}")

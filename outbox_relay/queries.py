@@ -73,6 +73,11 @@ class Names:
         return self._qualified("event_outbox_migration").as_string()
 
     @property
+    def event_table(self) -> str:
+        """Qualified, quoted name as text, for ``to_regclass``."""
+        return self._qualified("event").as_string()
+
+    @property
     def instance_sequence(self) -> str:
         """Qualified, quoted name as text, for ``nextval``."""
         return self._qualified("event_outbox_instance").as_string()

@@ -19,8 +19,8 @@ SELECT version FROM {migrations_table} ORDER BY version;
 -- name: record_migration
 INSERT INTO {migrations_table} (version, name) VALUES (%(version)s, %(name)s);
 
--- name: migrations_table_exists
-SELECT to_regclass(%(migrations_table)s) IS NOT NULL;
+-- name: table_exists
+SELECT to_regclass(%(table)s) IS NOT NULL;
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM {migrations_table};

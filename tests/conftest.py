@@ -73,7 +73,7 @@ async def unmigrated(servers: Servers) -> AsyncIterator[Settings]:
 async def outbox(unmigrated: Settings) -> Settings:
     """A migrated schema of its own (its stream is created by the first relay)."""
     async with await connect_postgres(unmigrated) as conn:
-        await migrate(conn, unmigrated.names)
+        await migrate(conn, unmigrated.names, create_event_table=True)
     return unmigrated
 
 

@@ -44,5 +44,5 @@ async def migrated(settings: Settings, event_table: str) -> Settings:
     if event_table == "noetl":
         await create_noetl_schema(settings)
     async with await connect_postgres(settings) as conn:
-        await migrate(conn, settings.names)
+        await migrate(conn, settings.names, create_event_table=event_table == "ours")
     return settings
