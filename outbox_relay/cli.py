@@ -22,6 +22,7 @@ import psycopg
 
 from outbox_relay import config
 from outbox_relay.config import (
+    DurableConsumer,
     NatsAuth,
     Settings,
     format_duration,
@@ -246,6 +247,19 @@ RELAY_OPTIONS = [
         default="10s",
         help="How often the lag gauges and readiness are refreshed.",
     ),
+    _option(
+        "--consumer",
+        "consumers",
+        envvar="OUTBOX_CONSUMERS",
+        multiple=True,
+        default=(),
+        show_default=False,
+        help=(
+            "Durable consumer created on the stream if absent, never changed: "
+            "name:filter[:ack] (ack explicit, all or none). Repeatable; the variable "
+            "takes several separated by spaces."
+        ),
+    ),
 ]
 
 
@@ -282,6 +296,8 @@ def settings_from(options: dict[str, Any]) -> Settings:
     kwargs = {k: v for k, v in options.items() if k in known}
     if "ordering" in options:
         kwargs["ordered"] = options["ordering"]
+    if "consumers" in options:
+        kwargs["consumers"] = tuple(DurableConsumer.parse(text) for text in options["consumers"])
     if "nats_url" in options:
         kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
         kwargs["nats_auth"] = NatsAuth(
