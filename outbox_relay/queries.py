@@ -98,10 +98,10 @@ class Names:
             "outbox_table_literal": sql.Literal(q("event_outbox").as_string()),
             "dead_letter_table": q("event_outbox_dead_letter"),
             "lag_view": q("event_outbox_lag"),
+            "payload_function": q("event_outbox_payload"),
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),
-            "payload_function": q("event_outbox_payload"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(
