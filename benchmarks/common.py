@@ -38,7 +38,7 @@ async def fresh_outbox(database_url: str, nats_url: str) -> Settings:
         subject_prefix=f"bench_{suffix}.events",
     )
     async with await connect_postgres(settings) as conn:
-        await migrate(conn, settings.names)
+        await migrate(conn, settings.names, create_event_table=True)
     return settings
 
 

@@ -115,9 +115,9 @@ async def main(keys: list[int], seconds: int, rounds: int) -> dict[str, dict[str
         + "".join(f"{m:>13}" for m in MODES)
         + "".join(f"{m + '/u':>15}" for m in MODES[1:])
     )
-    for count, row in results.items():
+    for key_count, row in results.items():
         print(
-            f"{count:>6}"
+            f"{key_count:>6}"
             + "".join(f"{row[m]:>13.0f}" for m in MODES)
             + "".join(f"{row[m] / row['unordered']:>15.2f}" for m in MODES[1:])
         )

@@ -22,6 +22,7 @@ import psycopg
 
 from outbox_relay import config
 from outbox_relay.config import (
+    DurableConsumer,
     NatsAuth,
     Settings,
     format_duration,
@@ -256,6 +257,19 @@ RELAY_OPTIONS = [
         default="10s",
         help="How often the lag gauges and readiness are refreshed.",
     ),
+    _option(
+        "--consumer",
+        "consumers",
+        envvar="OUTBOX_CONSUMERS",
+        multiple=True,
+        default=(),
+        show_default=False,
+        help=(
+            "Durable consumer created on the stream if absent, never changed: "
+            "name:filter[:ack] (ack explicit, all or none). Repeatable; the variable "
+            "takes several separated by spaces."
+        ),
+    ),
 ]
 
 
@@ -294,6 +308,8 @@ def settings_from(options: dict[str, Any]) -> Settings:
         kwargs["ordered"] = options["ordering"]
     if "ordering_key" in options:
         kwargs["ordering_key"] = options["ordering_key"] or None
+    if "consumers" in options:
+        kwargs["consumers"] = tuple(DurableConsumer.parse(text) for text in options["consumers"])
     if "nats_url" in options:
         kwargs["nats_urls"] = split_nats_urls(options["nats_url"])
         kwargs["nats_auth"] = NatsAuth(
@@ -336,13 +352,20 @@ def cli(log_level: str, log_format: LogFormat) -> None:
 
 @cli.command("migrate")
 @_with(DATABASE_OPTIONS)
-def migrate_command(**options: Any) -> None:
+@_option(
+    "--create-event-table",
+    envvar="OUTBOX_CREATE_EVENT_TABLE",
+    is_flag=True,
+    default=False,
+    help="On a first run without NoETL's event table, create a standalone one.",
+)
+def migrate_command(create_event_table: bool, **options: Any) -> None:
     """Create or upgrade the outbox schema (idempotent; safe to run from every replica)."""
     settings = settings_from(options)
 
     async def go() -> None:
         async with await connect_postgres(settings) as conn:
-            applied = await migrate(conn, settings.names)
+            applied = await migrate(conn, settings.names, create_event_table=create_event_table)
         if applied:
             for migration in applied:
                 click.echo(f"applied {migration.version:04d}_{migration.name}")
@@ -559,24 +582,28 @@ WINDOW_OPTIONS = [
 ]
 
 
-def _window(options: dict[str, Any]) -> Window:
-    """The event-id window of the WINDOW_OPTIONS, taken out of ``options``."""
+def _window_bounds(options: dict[str, Any]) -> tuple[Window, datetime | None, datetime | None]:
+    """The id window and the time span of the WINDOW_OPTIONS, taken out of ``options``."""
     from_id, to_id = options.pop("from_id"), options.pop("to_id")
     since, until = options.pop("since"), options.pop("until")
     if (from_id is not None or to_id is not None) and (since or until):
         raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
-    if since or until:
-        return Window.between(_moment(since), _moment(until))
-    return Window(from_id, to_id)
+    return Window(from_id, to_id), _moment(since), _moment(until)
+
+
+def _window(options: dict[str, Any]) -> Window:
+    """The event-id window of the WINDOW_OPTIONS; a time span becomes the ids minted in it."""
+    window, since, until = _window_bounds(options)
+    return Window.between(since, until) if since or until else window
 
 
 @cli.command("verify")
 @_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(as_json: bool, **options: Any) -> None:
-    """Check every event id of a window: ok, pending, lost, duplicate or unexpected.
+    """Check every event of a window: ok, pending, lost, duplicate, unexpected or collided.
 
-    Exits 5 when anything is lost, duplicated or unexpected.
+    Exits 5 when anything is lost, duplicated, unexpected or collided.
     """
     window = _window(options)
     settings = settings_from(options)
@@ -629,7 +656,8 @@ def replay_command(
     Inside the stream's duplicate window a replayed event is collapsed with its first
     copy; use it for a new consumer's backfill or a lost stream.
     """
-    selection = ReplaySelection(_window(options), execution_ids or None, everything)
+    window, since, until = _window_bounds(options)
+    selection = ReplaySelection(window, execution_ids or None, everything, since, until)
     settings = settings_from(options)
     try:
         validate_subject(subject_prefix)

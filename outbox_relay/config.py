@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from outbox_relay.errors import ConfigError, InvalidSubjectError
 from outbox_relay.queries import Names
-from outbox_relay.subjects import validate_subject
+from outbox_relay.subjects import subject_matches, validate_filter, validate_subject
 
 DEFAULT_STREAM = "noetl_events"
 DEFAULT_SUBJECT_PREFIX = "noetl.events"
@@ -51,6 +51,45 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+ACK_POLICIES = ("explicit", "all", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class DurableConsumer:
+    """A durable pull consumer on the stream: created if absent, never changed."""
+
+    name: str
+    filter_subject: str
+    ack_policy: str = "explicit"
+
+    def __post_init__(self) -> None:
+        # JetStream's rules for consumer names are those for stream names.
+        _require(
+            bool(_STREAM_NAME.match(self.name)),
+            f"invalid consumer name {self.name!r}: no spaces, '.', '*', '>' or slashes",
+        )
+        _require(
+            self.ack_policy in ACK_POLICIES,
+            f"consumer {self.name}: ack policy must be explicit, all or none, "
+            f"not {self.ack_policy!r}",
+        )
+        try:
+            validate_filter(self.filter_subject)
+        except InvalidSubjectError as exc:
+            raise ConfigError(f"consumer {self.name}: {exc}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> DurableConsumer:
+        """``name:filter`` or ``name:filter:ack``, e.g. ``noetl_projector:noetl.events.>``."""
+        parts = text.split(":")
+        _require(
+            len(parts) in (2, 3),
+            f"invalid consumer {text!r}: use name:filter[:ack], "
+            "e.g. noetl_projector:noetl.events.>:explicit",
+        )
+        return cls(*parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +177,8 @@ class Settings:
     # The event column that keys events, as producers key them (OUTBOX_ORDERING_KEY):
     # replay keys its rows by it, verify expects it on every event message.
     ordering_key: str | None = DEFAULT_ORDERING_KEY
+    # Durable consumers the relay creates on the stream if absent.
+    consumers: tuple[DurableConsumer, ...] = ()
     names: Names = field(init=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +225,13 @@ class Settings:
             self.max_age == 0 or self.duplicate_window <= self.max_age,
             "duplicate window must not exceed max age",
         )
+        for consumer in self.consumers:
+            probe = consumer.filter_subject.replace(">", "x").replace("*", "x")
+            _require(
+                subject_matches(self.subject_wildcard, probe),
+                f"consumer {consumer.name}'s filter {consumer.filter_subject} is outside the "
+                f"stream's subjects ({self.subject_wildcard})",
+            )
         _require(
             self.duplicate_window > self.claim_hold_bound,
             f"duplicate window must be longer than the claim hold bound, 2 x publish "

@@ -72,7 +72,7 @@ async def run_demo(*, events: int, producers: int) -> None:
 
 async def _demo(settings: Settings, *, events: int, producers: int) -> None:
     async with await connect_postgres(settings) as conn:
-        applied = await migrate(conn, settings.names)
+        applied = await migrate(conn, settings.names, create_event_table=True)
     click.echo(f"schema    {settings.schema}: {'migrated' if applied else 'already migrated'}")
 
     relay = Relay(settings, relay_id="demo")

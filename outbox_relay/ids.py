@@ -13,6 +13,10 @@ and JetStream would then drop the second event as a duplicate of the first. So:
   sequence on first use and ids split the low 23 bits as 11 instance bits and a
   12-bit sequence (4096 ids per millisecond per process). Time bits are unchanged,
   so the ids still sort and partition by time like NoETL's.
+
+NoETL's own ``noetl.snowflake_id()`` always mints with shard 1 and a sequence below
+1024. Its ids are kept out of reach: shard 1 is refused, and the 64 leased instance
+numbers whose top five bits read as shard 1 are never handed out.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ LOW_BITS = 23
 SHARD_BITS = 5
 MAX_SHARD_ID = (1 << SHARD_BITS) - 1
 LEASED_INSTANCE_BITS = 11
-LEASED_INSTANCES = 1 << LEASED_INSTANCE_BITS
+NOETL_SHARD_ID = 1  # hard-coded in noetl.snowflake_id()
+# Leased numbers sharing their top SHARD_BITS with NoETL's shard: 64 of the 2048.
+_NOETL_LEASED = range(
+    NOETL_SHARD_ID << (LEASED_INSTANCE_BITS - SHARD_BITS),
+    (NOETL_SHARD_ID + 1) << (LEASED_INSTANCE_BITS - SHARD_BITS),
+)
+LEASED_INSTANCES = (1 << LEASED_INSTANCE_BITS) - len(_NOETL_LEASED)
 
 
 class SnowflakeGenerator:
@@ -40,6 +50,7 @@ class SnowflakeGenerator:
                 f"shard id must be between 0 and {(1 << instance_bits) - 1}, got {instance_id}"
             )
         self.instance_id = instance_id
+        self.instance_bits = instance_bits
         self._sequence_bits = LOW_BITS - instance_bits
         self._sequence_mask = (1 << self._sequence_bits) - 1
         self._instance_bits = instance_id << self._sequence_bits
@@ -70,6 +81,22 @@ def split_id(snowflake: int, *, instance_bits: int = SHARD_BITS) -> tuple[int, i
         (snowflake >> sequence_bits) & ((1 << instance_bits) - 1),
         snowflake & ((1 << sequence_bits) - 1),
     )
+
+
+def leased_instance(lease: int) -> int:
+    """The instance number of the ``lease``-th lease (0 to LEASED_INSTANCES - 1),
+    skipping the numbers whose ids could equal NoETL's."""
+    return lease + len(_NOETL_LEASED) if lease >= _NOETL_LEASED.start else lease
+
+
+def refuse_noetls_shard(generator: SnowflakeGenerator) -> None:
+    """Raise :class:`ConfigError` if ``generator`` can mint ids noetl.snowflake_id() mints."""
+    top = generator.instance_id >> (generator.instance_bits - SHARD_BITS)
+    if top == NOETL_SHARD_ID:
+        raise ConfigError(
+            f"shard id {NOETL_SHARD_ID} is the one noetl.snowflake_id() mints with: "
+            "choose another OUTBOX_SHARD_ID"
+        )
 
 
 def shard_id_from_env() -> int | None:

@@ -15,8 +15,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from outbox_relay.config import NatsAuth, Settings, format_duration, redact_url
+from outbox_relay.config import DurableConsumer, NatsAuth, Settings, format_duration, redact_url
 from outbox_relay.errors import ConfigError, ServerUnavailableError
+from outbox_relay.subjects import subject_matches
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +118,31 @@ class StreamStatus:
     created: bool
     config: StreamConfig
     warnings: list[str] = field(default_factory=list)
+    consumers_created: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         cfg = self.config
         verb = "created" if self.created else "using existing"
         storage = getattr(cfg.storage, "value", cfg.storage)  # nats-py may leave a str
+        consumers = (
+            f"; created consumers {', '.join(self.consumers_created)}"
+            if self.consumers_created
+            else ""
+        )
         return (
             f"{verb} stream {cfg.name} (subjects {', '.join(cfg.subjects or [])}, "
             f"{storage} storage, duplicate window {format_duration(cfg.duplicate_window)}, "
             f"max age {format_duration(cfg.max_age or 0) if cfg.max_age else 'unlimited'})"
+            f"{consumers}"
         )
 
 
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatus:
-    """Create the stream as NoETL's tailer did, or leave an existing one untouched.
+    """Create the stream as NoETL's tailer did, or leave an existing one untouched;
+    then the configured durable consumers that are absent.
 
-    An existing stream's config is the operator's; we only warn where it breaks our
-    assumptions.
+    An existing stream's or consumer's config is the operator's; we only warn where it
+    breaks our assumptions.
     """
     try:
         info = await js.stream_info(settings.stream)
@@ -150,11 +159,49 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatu
         except BadRequestError:
             # Another relay created it first (with a config of its own).
             info = await js.stream_info(settings.stream)
+            created, warnings = False, _stream_warnings(info.config, settings)
         else:
-            return StreamStatus(created=True, config=info.config)
-    return StreamStatus(
-        created=False, config=info.config, warnings=_stream_warnings(info.config, settings)
-    )
+            created, warnings = True, []
+    else:
+        created, warnings = False, _stream_warnings(info.config, settings)
+    made = [
+        consumer.name
+        for consumer in settings.consumers
+        if await _ensure_consumer(js, settings.stream, consumer, warnings)
+    ]
+    return StreamStatus(created, info.config, warnings, made)
+
+
+async def _ensure_consumer(
+    js: JetStreamContext, stream: str, wanted: DurableConsumer, warnings: list[str]
+) -> bool:
+    """Create ``wanted`` if absent (True); an existing one is left as it is."""
+    try:
+        info = await js.consumer_info(stream, wanted.name)
+    except NotFoundError:
+        config = ConsumerConfig(
+            durable_name=wanted.name,
+            filter_subject=wanted.filter_subject,
+            ack_policy=AckPolicy(wanted.ack_policy),
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            await js.add_consumer(stream, config)
+        except BadRequestError:
+            # Another relay created it first.
+            info = await js.consumer_info(stream, wanted.name)
+        else:
+            return True
+    have = info.config
+    if have.filter_subject != wanted.filter_subject or have.ack_policy != AckPolicy(
+        wanted.ack_policy
+    ):
+        warnings.append(
+            f"consumer {wanted.name} on stream {stream} exists with filter "
+            f"{have.filter_subject}, ack {getattr(have.ack_policy, 'value', have.ack_policy)}, "
+            f"not {wanted.filter_subject}, ack {wanted.ack_policy}: left as it is"
+        )
+    return False
 
 
 def _stream_warnings(config: StreamConfig, settings: Settings) -> list[str]:
@@ -180,18 +227,6 @@ def _stream_warnings(config: StreamConfig, settings: Settings) -> list[str]:
             "messages under that prefix will be dead-lettered as unroutable"
         )
     return warnings
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: ``*`` is one token, ``>`` one or more trailing tokens."""
-    pattern_tokens = pattern.split(".")
-    subject_tokens = subject.split(".")
-    for i, part in enumerate(pattern_tokens):
-        if part == ">":
-            return len(subject_tokens) > i
-        if i >= len(subject_tokens) or part not in ("*", subject_tokens[i]):
-            return False
-    return len(subject_tokens) == len(pattern_tokens)
 
 
 async def read_stream(

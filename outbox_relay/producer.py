@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from outbox_relay.config import (
@@ -38,6 +39,8 @@ from outbox_relay.ids import (
     LEASED_INSTANCE_BITS,
     LEASED_INSTANCES,
     SnowflakeGenerator,
+    leased_instance,
+    refuse_noetls_shard,
     shard_id_from_env,
 )
 from outbox_relay.queries import Names, ordering_key_of, query
@@ -76,6 +79,8 @@ class Producer:
             raise ConfigError("max payload must be at least 1 byte")
         if self.ordering_key == "":
             raise ConfigError("ordering key column must be a column name, or None")
+        if self.ids is not None:
+            refuse_noetls_shard(self.ids)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -115,7 +120,7 @@ class Producer:
         the event table are passed by name; dicts and lists are stored as jsonb.
         """
         if event_id is None:
-            ids = self._ids() or self._adopt(conn.execute(*self._lease_statement()).fetchone())
+            ids = self._ids() or self._adopt(_fetch_first(conn, self._lease_statement()))
             event_id = ids.next_id()
         return _execute(
             conn, self._emit_statement(event_type, execution_id, event_id, headers, columns)
@@ -135,8 +140,7 @@ class Producer:
         if event_id is None:
             ids = self._ids()
             if ids is None:
-                cur = await conn.execute(*self._lease_statement())
-                ids = self._adopt(await cur.fetchone())
+                ids = self._adopt(await _fetch_first_async(conn, self._lease_statement()))
             event_id = ids.next_id()
         statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
         return await _execute_async(conn, statement)
@@ -186,8 +190,8 @@ class Producer:
         params = {"sequence": self.names.instance_sequence, "instances": LEASED_INSTANCES}
         return query("lease_instance", self.names), params
 
-    def _adopt(self, row: tuple[Any, ...] | None) -> SnowflakeGenerator:
-        leased = SnowflakeGenerator(_first(row), instance_bits=LEASED_INSTANCE_BITS)
+    def _adopt(self, lease: int) -> SnowflakeGenerator:
+        leased = SnowflakeGenerator(leased_instance(lease), instance_bits=LEASED_INSTANCE_BITS)
         return _leased.setdefault(self.schema, leased)
 
     # -- statements (pure) -------------------------------------------------------------
@@ -280,18 +284,30 @@ def _dumps(obj: Any) -> str:
 def _execute(conn: psycopg.Connection[Any], statement: _Statement) -> int:
     """Run a producer statement; its one result is an id."""
     with _translated_errors():
-        return _first(conn.execute(*statement).fetchone())
+        return _fetch_first(conn, statement)
 
 
 async def _execute_async(conn: psycopg.AsyncConnection[Any], statement: _Statement) -> int:
     """:func:`_execute` for an :class:`psycopg.AsyncConnection`."""
     with _translated_errors():
-        cur = await conn.execute(*statement)
+        return await _fetch_first_async(conn, statement)
+
+
+# The caller's connection may build dicts, named tuples or objects from rows (NoETL's
+# pool uses dict_row); our own cursor reads plain tuples whatever it is set to.
+def _fetch_first(conn: psycopg.Connection[Any], statement: _Statement) -> int:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        return _first(cur.execute(*statement).fetchone())
+
+
+async def _fetch_first_async(conn: psycopg.AsyncConnection[Any], statement: _Statement) -> int:
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(*statement)
         return _first(await cur.fetchone())
 
 
 def _first(row: tuple[Any, ...] | None) -> int:
-    assert row is not None, "INSERT ... RETURNING returned no row"
+    assert row is not None, "the statement returned no row"
     return int(row[0])
 
 

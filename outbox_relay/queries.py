@@ -76,6 +76,11 @@ class Names:
         return self._qualified("event_outbox_migration").as_string()
 
     @property
+    def event_table(self) -> str:
+        """Qualified, quoted name as text, for ``to_regclass``."""
+        return self._qualified("event").as_string()
+
+    @property
     def instance_sequence(self) -> str:
         """Qualified, quoted name as text, for ``nextval``."""
         return self._qualified("event_outbox_instance").as_string()
@@ -96,6 +101,7 @@ class Names:
             "outbox_table_literal": sql.Literal(q("event_outbox").as_string()),
             "dead_letter_table": q("event_outbox_dead_letter"),
             "lag_view": q("event_outbox_lag"),
+            "payload_function": q("event_outbox_payload"),
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),

@@ -9,6 +9,7 @@ JetStream and one outside it adds the same message again. Headers the producer g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -23,14 +24,23 @@ class ReplaySelection:
     window: Window = field(default_factory=Window)
     execution_ids: tuple[int, ...] | None = None
     everything: bool = False  # required when nothing else narrows the replay
+    # Events created in this span (inclusive, None is open), by their created_at.
+    since: datetime | None = None
+    until: datetime | None = None
 
     @property
     def empty(self) -> bool:
-        return self.execution_ids is None and self.window == Window()
+        return (
+            self.execution_ids is None
+            and self.window == Window()
+            and self.since is None
+            and self.until is None
+        )
 
     def params(self) -> dict[str, Any]:
         ids = list(self.execution_ids) if self.execution_ids is not None else None
-        return {"execution_ids": ids, **self.window.params()}
+        times = {"since": self.since, "until": self.until}
+        return {"execution_ids": ids, **self.window.params(), **times}
 
 
 async def replay(

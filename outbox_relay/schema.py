@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.errors import NotMigratedError
+from outbox_relay.errors import ConfigError, NotMigratedError
 from outbox_relay.queries import ROLE_PURPOSES, SQL_DIR, Names, query, render
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -44,10 +44,14 @@ async def _lock_schema(conn: psycopg.AsyncConnection[Any], names: Names) -> None
     )
 
 
-async def migrate(conn: psycopg.AsyncConnection[Any], names: Names) -> list[Migration]:
+async def migrate(
+    conn: psycopg.AsyncConnection[Any], names: Names, *, create_event_table: bool = False
+) -> list[Migration]:
     """Apply the missing migrations in one transaction; return those applied.
 
     Concurrent runs are serialised by an advisory lock, so replicas may all run it.
+    A first run needs the event table (NoETL's) to exist, or ``create_event_table``
+    for a standalone one: NoETL's DDL would keep ours, which is not NoETL's shape.
     """
     async with conn.transaction():
         await _lock_schema(conn, names)
@@ -55,6 +59,8 @@ async def migrate(conn: psycopg.AsyncConnection[Any], names: Names) -> list[Migr
         cur = await conn.execute(query("applied_migrations", names))
         applied = {row[0] for row in await cur.fetchall()}
         pending = [m for m in migrations() if m.version not in applied]
+        if not applied and not create_event_table:
+            await _require_event_table(conn, names)
         for migration in pending:
             await conn.execute(render(migration.text, names))
             await conn.execute(
@@ -64,11 +70,20 @@ async def migrate(conn: psycopg.AsyncConnection[Any], names: Names) -> list[Migr
     return pending
 
 
+async def _require_event_table(conn: psycopg.AsyncConnection[Any], names: Names) -> None:
+    cur = await conn.execute(query("table_exists", names), {"table": names.event_table})
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        raise ConfigError(
+            f"no event table {names.event_table}: apply NoETL's schema first "
+            "(README: Using it from NoETL), or pass --create-event-table for a standalone "
+            "one, which is not NoETL's shape"
+        )
+
+
 async def schema_version(conn: psycopg.AsyncConnection[Any], names: Names) -> int | None:
     """The applied version, or None when the database was never migrated."""
-    cur = await conn.execute(
-        query("migrations_table_exists", names), {"migrations_table": names.migrations_table}
-    )
+    cur = await conn.execute(query("table_exists", names), {"table": names.migrations_table})
     row = await cur.fetchone()
     if row is None or not row[0]:
         return None

@@ -18,6 +18,34 @@ def validate_subject(subject: str) -> str:
     return subject
 
 
+def validate_filter(pattern: str) -> str:
+    """Return ``pattern`` if it is a subject or a NATS wildcard pattern (``*`` a whole
+    token, ``>`` a whole last token), else raise with the reason."""
+    tokens = pattern.split(".")
+    concrete = [
+        "x" if t == "*" or (t == ">" and i == len(tokens) - 1) else t for i, t in enumerate(tokens)
+    ]
+    try:
+        validate_subject(".".join(concrete))
+    except InvalidSubjectError as exc:
+        raise InvalidSubjectError(
+            f"invalid filter {pattern!r}: '*' and '>' must be whole tokens, '>' the last ({exc})"
+        ) from None
+    return pattern
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` is one token, ``>`` one or more trailing tokens."""
+    pattern_tokens = pattern.split(".")
+    subject_tokens = subject.split(".")
+    for i, part in enumerate(pattern_tokens):
+        if part == ">":
+            return len(subject_tokens) > i
+        if i >= len(subject_tokens) or part not in ("*", subject_tokens[i]):
+            return False
+    return len(subject_tokens) == len(pattern_tokens)
+
+
 def event_subject(prefix: str, event_type: str) -> str:
     """``<prefix>.<event_type>``, e.g. ``noetl.events.command.issued``."""
     if not event_type:

@@ -1,12 +1,14 @@
 """Check the stream against the database: was every committed event stored once?
 
-Each event id of a window is classified as
+Each event of a window, known by its (execution id, event id), is classified as
 
 * ``ok``: committed, in the stream once;
 * ``pending``: committed, not in the stream yet, still in the outbox or dead letters;
 * ``lost``: committed, gone from the outbox, not in the stream;
 * ``duplicate``: stored in the stream more than once;
 * ``unexpected``: in the stream, never committed;
+* ``collided``: one event id committed by two rows (two executions): they share a
+  msg id, so JetStream keeps one of them;
 
 and every ordering key's messages are checked to stand in the stream in the order
 the relay published them (``out_of_order`` counts those that do not: a relay that
@@ -21,10 +23,12 @@ The stream keeps messages for its max age only: verify windows inside it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -39,7 +43,10 @@ from outbox_relay.queries import query
 
 SAMPLE = 20  # problem ids listed per class; counts are always complete
 # The classes that make a report unclean.
-PROBLEMS = ("lost", "duplicate", "unexpected", "out_of_order", "unkeyed")
+PROBLEMS = ("lost", "duplicate", "unexpected", "out_of_order", "unkeyed", "collided")
+K = TypeVar("K", bound=Hashable)
+# (execution id, event id); None when a message's payload names no execution.
+EventKey = tuple[int | None, int]
 
 
 class VerificationFailed(OutboxError):
@@ -85,6 +92,7 @@ class Report:
     unexpected: list[int] = field(default_factory=list)
     out_of_order: list[int] = field(default_factory=list)  # stored before an earlier one
     unkeyed: list[int] = field(default_factory=list)  # event messages without their key
+    collided: list[int] = field(default_factory=list)  # committed by more than one row
 
     @property
     def clean(self) -> bool:
@@ -103,28 +111,68 @@ class Report:
                 "unexpected": sorted(self.unexpected)[:SAMPLE],
                 "out_of_order": self.out_of_order[:SAMPLE],
                 "unkeyed": sorted(self.unkeyed)[:SAMPLE],
+                "collided": sorted(self.collided)[:SAMPLE],
             },
         }
 
 
-def classify_ids(committed: set[int], waiting: set[int], stored: Counter[int]) -> Report:
-    """The pure part: sort ids by what the database and the stream say of them."""
+def _itself(key: Any) -> int:
+    return int(key)
+
+
+def classify_ids(
+    committed: AbstractSet[K],
+    waiting: AbstractSet[K],
+    stored: Counter[K],
+    event_id: Callable[[K], int] = _itself,
+) -> Report:
+    """The pure part: sort keys (event ids, or anything ``event_id`` reads one from) by
+    what the database and the stream say of them; the report lists event ids."""
     report = Report()
-    for event_id in committed:
-        copies = stored.get(event_id, 0)
+    for key in committed:
+        copies = stored.get(key, 0)
         if copies == 1:
             report.ok += 1
         elif copies > 1:
-            report.duplicate[event_id] = copies
-        elif event_id in waiting:
-            report.pending.append(event_id)
+            report.duplicate[event_id(key)] = copies
+        elif key in waiting:
+            report.pending.append(event_id(key))
         else:
-            report.lost.append(event_id)
-    report.unexpected = [i for i in stored if i not in committed]
-    for event_id, copies in stored.items():
-        if copies > 1 and event_id not in committed:
-            report.duplicate[event_id] = copies
+            report.lost.append(event_id(key))
+    report.unexpected = [event_id(k) for k in stored if k not in committed]
+    for key, copies in stored.items():
+        if copies > 1 and key not in committed:
+            report.duplicate[event_id(key)] = copies
     return report
+
+
+def collided(committed: Iterable[EventKey]) -> list[int]:
+    """Event ids committed by more than one row: one msg id for several events."""
+    rows = Counter(event_id for _, event_id in committed)
+    return [event_id for event_id, count in rows.items() if count > 1]
+
+
+def _attributed(stored: Counter[EventKey], committed: set[EventKey]) -> Counter[EventKey]:
+    """A message whose payload names no execution counts for its event id's one row."""
+    rows: dict[int, list[EventKey]] = {}
+    for key in committed:
+        rows.setdefault(key[1], []).append(key)
+    attributed: Counter[EventKey] = Counter()
+    for (execution_id, event_id), copies in stored.items():
+        owners = rows.get(event_id, [])
+        sole = execution_id is None and len(owners) == 1
+        attributed[owners[0] if sole else (execution_id, event_id)] += copies
+    return attributed
+
+
+def _execution_id(payload: bytes) -> int | None:
+    """The execution an event message's payload (the event row as JSON) names."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    execution_id = event.get("execution_id") if isinstance(event, dict) else None
+    return execution_id if isinstance(execution_id, int) else None
 
 
 def out_of_order(stored: Iterable[tuple[int, str, int]]) -> list[int]:
@@ -155,30 +203,35 @@ async def verify(
     names, params = settings.names, window.params()
     async with conn.cursor() as cur:
         await cur.execute(query("verify_committed", names), params)
-        committed = {row[0] for row in await cur.fetchall()}
+        committed: set[EventKey] = {(row[0], row[1]) for row in await cur.fetchall()}
         await cur.execute(query("verify_pending", names), params)
-        waiting = {row[0] for row in await cur.fetchall()}
-    stored: Counter[int] = Counter()
+        waiting_ids = {row[0] for row in await cur.fetchall()}
+    stored: Counter[EventKey] = Counter()
     keyed: list[tuple[int, str, int]] = []
     unkeyed: list[int] = []
     for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
         headers = message.header or {}
         msg_id = headers.get(MSG_ID_HEADER, "")
         if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
-            stored[int(msg_id)] += 1
+            stored[(_execution_id(message.data), int(msg_id))] += 1
             key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
             if key is not None and sequence.isdigit():
                 keyed.append((int(msg_id), key, int(sequence)))
             expected = event_key(message.data, settings.ordering_key)
             if expected is not None and (key != expected or not sequence.isdigit()):
                 unkeyed.append(int(msg_id))
-    late = [i for i in stored if i not in committed]
+    late = [key[1] for key in stored if key not in committed]
     if late:
         cur = await conn.execute(query("verify_exists", names), {"ids": late})
-        committed |= {row[0] for row in await cur.fetchall()}
-    report = classify_ids(committed, waiting, stored)
+        committed |= {(row[0], row[1]) for row in await cur.fetchall()}
+    # The outbox knows a row by its msg id alone: every row of a waiting id waits.
+    waiting = {key for key in committed if key[1] in waiting_ids}
+    report = classify_ids(
+        committed, waiting, _attributed(stored, committed), event_id=itemgetter(1)
+    )
     report.out_of_order = out_of_order(keyed)
     report.unkeyed = unkeyed
+    report.collided = collided(committed)
     return report
 
 

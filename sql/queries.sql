@@ -19,8 +19,8 @@ SELECT version FROM {migrations_table} ORDER BY version;
 -- name: record_migration
 INSERT INTO {migrations_table} (version, name) VALUES (%(version)s, %(name)s);
 
--- name: migrations_table_exists
-SELECT to_regclass(%(migrations_table)s) IS NOT NULL;
+-- name: table_exists
+SELECT to_regclass(%(table)s) IS NOT NULL;
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM {migrations_table};
@@ -98,7 +98,7 @@ SELECT {enqueue_function}(%(subject)s, %(payload)s, %(event_id)s, %(headers)s, %
 
 -- name: emit_event
 -- The event row and its outbox row in one statement; the payload is the row exactly
--- as to_jsonb() renders it, defaults included.
+-- as to_jsonb() renders it, defaults included, whatever the session's settings.
 WITH event AS (
     INSERT INTO {event_table} ({columns}) VALUES ({values})
     RETURNING *
@@ -106,7 +106,7 @@ WITH event AS (
 SELECT event.event_id,
        {enqueue_function}(
            %(subject)s,
-           convert_to(to_jsonb(event)::text, 'UTF8'),
+           {payload_function}(event),
            event.event_id::text,
            %(headers)s,
            %(max_payload)s,
@@ -123,13 +123,13 @@ SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s
 LISTEN {channel};
 
 -- name: verify_committed
--- Event ids committed in the window (bounds inclusive, NULL for open).
-SELECT event_id FROM {event_table}
+-- Events committed in the window (bounds inclusive, NULL for open).
+SELECT execution_id, event_id FROM {event_table}
 WHERE (%(from_id)s::bigint IS NULL OR event_id >= %(from_id)s)
   AND (%(to_id)s::bigint IS NULL OR event_id <= %(to_id)s);
 
 -- name: verify_exists
-SELECT event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
+SELECT execution_id, event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
 
 -- name: verify_pending
 -- Event ids still waiting in the outbox or parked in the dead letters.
@@ -212,22 +212,26 @@ SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = %(role)s);
 CREATE ROLE {role} NOLOGIN;
 
 -- name: replay_filter
--- Which events a replay re-enqueues; every filter is optional.
+-- Which events a replay re-enqueues; every filter is optional. A time span reads the
+-- event's created_at (a timestamp NoETL writes in UTC), not the time bits of its id:
+-- NoETL's servers do not all put them in the same place.
 (%(execution_ids)s::bigint[] IS NULL OR e.execution_id = ANY(%(execution_ids)s::bigint[]))
 AND (%(from_id)s::bigint IS NULL OR e.event_id >= %(from_id)s)
 AND (%(to_id)s::bigint IS NULL OR e.event_id <= %(to_id)s)
+AND (%(since)s::timestamptz IS NULL OR e.created_at >= (%(since)s::timestamptz AT TIME ZONE 'UTC'))
+AND (%(until)s::timestamptz IS NULL OR e.created_at <= (%(until)s::timestamptz AT TIME ZONE 'UTC'))
 
 -- name: replay_count
 SELECT count(*) FROM {event_table} AS e WHERE {filter};
 
 -- name: replay_events
 -- The payload is rendered as emit_event renders it, so a replayed message carries the
--- same bytes, the same msg id and the same ordering key as the original. One
--- statement, so all of it becomes visible at once and each key's events go out in
--- event id order.
+-- same bytes, the same msg id and the same ordering key as the original. NoETL
+-- allows a NULL event type; its tailer published those as 'unknown'. One statement,
+-- so all of it becomes visible at once and each key's events go out in event id order.
 INSERT INTO {outbox_table} (event_id, subject, payload, ordering_key)
-SELECT e.event_id::text, %(subject_prefix)s || '.' || e.event_type,
-       convert_to(to_jsonb(e)::text, 'UTF8'), {ordering_key}
+SELECT e.event_id::text, %(subject_prefix)s || '.' || coalesce(e.event_type, 'unknown'),
+       {payload_function}(e), {ordering_key}
 FROM {event_table} AS e
 WHERE {filter}
 ORDER BY {ordering_key}, e.event_id;

@@ -14,6 +14,7 @@ from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.schema import migrate
+from tests.noetl import migrated
 from tests.servers import Servers, test_servers
 
 
@@ -72,8 +73,14 @@ async def unmigrated(servers: Servers) -> AsyncIterator[Settings]:
 async def outbox(unmigrated: Settings) -> Settings:
     """A migrated schema of its own (its stream is created by the first relay)."""
     async with await connect_postgres(unmigrated) as conn:
-        await migrate(conn, unmigrated.names)
+        await migrate(conn, unmigrated.names, create_event_table=True)
     return unmigrated
+
+
+@pytest.fixture
+async def noetl_outbox(unmigrated: Settings) -> Settings:
+    """:func:`outbox` over a NoETL-shaped schema (tests/noetl_schema.sql)."""
+    return await migrated(unmigrated, "noetl")
 
 
 async def drop(settings: Settings) -> None:

@@ -20,6 +20,7 @@ from outbox_relay.producer import Producer
 from outbox_relay.publish import MSG_ID_HEADER
 from outbox_relay.relay import Relay
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
+from tests.noetl import event_columns
 
 
 @asynccontextmanager
@@ -79,7 +80,11 @@ def emit_events(
         return [
             str(
                 producer.emit_event(
-                    conn, event_type=event_type, execution_id=execution_id, node_name=f"n{i}"
+                    conn,
+                    event_type=event_type,
+                    execution_id=execution_id,
+                    node_name=f"n{i}",
+                    **event_columns(settings),
                 )
             )
             for i in range(count)

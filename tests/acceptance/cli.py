@@ -31,6 +31,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "OUTBOX_DATABASE_URL": settings.database_url,
         "OUTBOX_NATS_URL": ",".join(settings.nats_urls),
         "OUTBOX_SCHEMA": settings.schema,
+        # A standalone event table for the tests' own schemas (README: Using it from NoETL).
+        "OUTBOX_CREATE_EVENT_TABLE": "1",
         "OUTBOX_STREAM": settings.stream,
         "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
         "OUTBOX_POLL_INTERVAL": f"{settings.poll_interval}s",

@@ -148,6 +148,12 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
         (["run"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
         (["lag"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
         (["check"], {"OUTBOX_STREAM": "no_such_stream"}, 1, "stream no_such_stream"),
+        (
+            ["migrate"],
+            {"OUTBOX_SCHEMA": "no_event_table", "OUTBOX_CREATE_EVENT_TABLE": ""},
+            2,
+            "no event table",
+        ),
     ],
 )
 async def test_user_mistakes_get_one_line_and_an_exit_code(

@@ -70,7 +70,7 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
 
 async def migrated(settings: Settings) -> Settings:
     async with await connect_postgres(settings) as conn:
-        await migrate(conn, settings.names)
+        await migrate(conn, settings.names, create_event_table=True)
     return settings
 
 

@@ -43,7 +43,7 @@ async def test_everything_works_in_a_schema_with_a_hostile_name(
     hostile: Settings, nc: NATS
 ) -> None:
     async with await connect_postgres(hostile) as conn:
-        await migrate(conn, hostile.names)
+        await migrate(conn, hostile.names, create_event_table=True)
         await conn.commit()
         await grant_roles(conn, hostile.names)
     # LISTEN on the derived channel works, else this waits for the poll and fails.

@@ -72,6 +72,8 @@ async def test_three_relays_keep_every_execution_in_commit_order(
         "duplicate": 0,
         "unexpected": 0,
         "out_of_order": 0,
+        "unkeyed": 0,
+        "collided": 0,
         "clean": True,
         "samples": None,
     }

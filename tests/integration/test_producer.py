@@ -5,6 +5,8 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.rows import class_row, dict_row, namedtuple_row, tuple_row
+from psycopg_pool import AsyncConnectionPool
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -154,3 +156,53 @@ async def test_producers_lease_one_id_instance_per_process_and_schema(
     assert first._ids() is second._ids()  # one leased generator, shared
     configured = producer_for(outbox, ids=SnowflakeGenerator(3))
     assert split_id(configured.emit_event(db, event_type="a", execution_id=1))[1] == 3
+
+
+class _Row:
+    """A class row factory's target, built from whatever columns a query returns."""
+
+    def __init__(self, **columns: Any) -> None:
+        self.columns = columns
+
+
+ROW_FACTORIES: list[Any] = [tuple_row, dict_row, namedtuple_row, class_row(_Row)]
+
+
+@pytest.mark.parametrize("row_factory", ROW_FACTORIES)
+async def test_the_producer_works_with_any_row_factory(outbox: Settings, row_factory: Any) -> None:
+    producer = producer_for(outbox)
+    with psycopg.connect(outbox.database_url, row_factory=row_factory) as conn:
+        sync_id = producer.emit_event(conn, event_type="a.b", execution_id=1)
+        producer.enqueue(conn, subject="c.d", payload=b"x", msg_id="sync")
+    async with await psycopg.AsyncConnection.connect(
+        outbox.database_url, row_factory=row_factory
+    ) as aconn:
+        async_id = await producer.emit_event_async(aconn, event_type="a.b", execution_id=1)
+        await producer.enqueue_async(aconn, subject="c.d", payload=b"x", msg_id="async")
+    rows = await fetch_all(outbox, outbox_rows(outbox))
+    assert [r[0] for r in rows] == [str(sync_id), "sync", str(async_id), "async"]
+
+
+async def test_the_producer_works_inside_noetls_pool_configuration(outbox: Settings) -> None:
+    # NoETL's server pool (noetl/core/db/pool.py): dict rows on every connection.
+    pool = AsyncConnectionPool(
+        outbox.database_url,
+        min_size=1,
+        max_size=5,
+        timeout=10,
+        max_lifetime=1800.0,
+        max_idle=300.0,
+        kwargs={"row_factory": dict_row},
+        name="noetl_server",
+        open=False,
+    )
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            event_id = await producer_for(outbox).emit_event_async(
+                conn, event_type="a.b", execution_id=9
+            )
+    finally:
+        await pool.close()
+    rows = await fetch_all(outbox, outbox_rows(outbox))
+    assert [r[0] for r in rows] == [str(event_id)]

@@ -119,7 +119,7 @@ async def test_notify_wakes_the_relay_long_before_the_poll_interval(
     async with await connect_postgres(settings) as conn:
         from outbox_relay.schema import migrate
 
-        await migrate(conn, settings.names)
+        await migrate(conn, settings.names, create_event_table=True)
     async with running_relay(settings):
         await anyio.sleep(0.5)  # let the first poll pass; only a notification can wake it now
         for _ in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import psycopg
@@ -13,6 +14,7 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.errors import ConfigError
+from outbox_relay.ids import EPOCH_MS
 from outbox_relay.jetstream import ensure_stream
 from outbox_relay.replay import ReplaySelection, replay
 from outbox_relay.verify import Window, verify
@@ -20,12 +22,20 @@ from tests.helpers import (
     assert_exactly_once,
     drained,
     emit_events,
+    fetch_all,
     producer_for,
     running_relay,
     stream_count,
     stream_messages,
     wait_until,
 )
+from tests.noetl import EVENT_TABLES, NOETL_CATALOG_ID, event_columns, migrated
+
+
+@pytest.fixture(params=EVENT_TABLES)
+async def outbox(request: pytest.FixtureRequest, unmigrated: Settings) -> Settings:
+    """Every test here runs over our event table and over NoETL's."""
+    return await migrated(unmigrated, request.param)
 
 
 async def _replay(settings: Settings, selection: ReplaySelection, *, dry_run: bool = False) -> int:
@@ -93,7 +103,11 @@ async def test_replayed_events_keep_their_key_and_their_order(outbox: Settings, 
         for step in range(20):
             for execution_id in range(30):
                 producer.emit_event(
-                    conn, event_type="step", execution_id=execution_id, node_id=str(step)
+                    conn,
+                    event_type="step",
+                    execution_id=execution_id,
+                    node_id=str(step),
+                    **event_columns(outbox),
                 )
     # Never published (no relay ran): the outbox rows go, the events are replayed.
     async with await connect_postgres(outbox, autocommit=True) as conn:
@@ -114,3 +128,48 @@ async def test_replayed_events_keep_their_key_and_their_order(outbox: Settings, 
         report = await verify(conn, nc.jetstream(), outbox, Window())
     assert report.ok == 600
     assert report.clean, report.as_dict()
+
+
+async def test_a_null_event_type_is_replayed_as_unknown(noetl_outbox: Settings) -> None:
+    # NoETL allows it; its tailer published such events as <prefix>.unknown.
+    schema = sql.Identifier(noetl_outbox.schema)
+    with psycopg.connect(noetl_outbox.database_url) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.event (event_id, execution_id, catalog_id, event_type)"
+                " VALUES ({s}.snowflake_id(), 7, %s, NULL)"
+            ).format(s=schema),
+            (NOETL_CATALOG_ID,),
+        )
+    assert await _replay(noetl_outbox, ReplaySelection(execution_ids=(7,))) == 1
+    rows = await fetch_all(
+        noetl_outbox, sql.SQL("SELECT subject FROM {s}.event_outbox").format(s=schema)
+    )
+    assert rows == [(f"{noetl_outbox.subject_prefix}.unknown",)]
+
+
+def _rust_id(moment: datetime, sequence: int) -> int:
+    """An id as NoETL's Rust server mints it: (ms << 22) | (node << 12) | sequence."""
+    return ((int(moment.timestamp() * 1000) - EPOCH_MS) << 22) | (3 << 12) | sequence
+
+
+async def test_a_time_window_selects_by_the_events_time_not_its_id_bits(
+    outbox: Settings,
+) -> None:
+    now = datetime.now(UTC)
+    producer = producer_for(outbox)
+    with psycopg.connect(outbox.database_url) as conn:
+        for sequence, age in enumerate((timedelta(0), timedelta(minutes=1), timedelta(days=2))):
+            moment = now - age
+            producer.emit_event(
+                conn,
+                event_type="rust.minted",
+                execution_id=5,
+                event_id=_rust_id(moment, sequence),
+                created_at=moment.replace(tzinfo=None),  # NoETL's created_at: UTC wall time
+                **event_columns(outbox),
+            )
+    recent = ReplaySelection(since=now - timedelta(minutes=10))
+    assert await _replay(outbox, recent, dry_run=True) == 2
+    older = ReplaySelection(until=now - timedelta(days=1))
+    assert await _replay(outbox, older, dry_run=True) == 1

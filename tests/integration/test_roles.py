@@ -15,6 +15,7 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.queries import ROLE_PURPOSES
 from outbox_relay.schema import grant_roles
 from tests.helpers import drained, producer_for, running_relay, wait_until
+from tests.noetl import NOETL_CATALOG_ID
 
 
 @pytest.fixture
@@ -87,3 +88,75 @@ async def test_roles_can_be_granted_again(outbox: Settings, logins: dict[str, Se
         assert await grant_roles(conn, outbox.names) == [
             outbox.names.role(p) for p in ROLE_PURPOSES
         ]
+
+
+def _forge(settings: Settings) -> sql.Composed:
+    """An outbox row with a chosen id and retry bookkeeping, written past the producer API."""
+    return sql.SQL(
+        "INSERT INTO {} (id, event_id, subject, payload, attempts, next_attempt_at)"
+        " OVERRIDING SYSTEM VALUE VALUES (9000000000, 'forged', 'a.b', '', -5, 'infinity')"
+    ).format(_table(settings, "outbox_table"))
+
+
+async def test_producer_cannot_write_the_outbox_table_directly(
+    logins: dict[str, Settings],
+) -> None:
+    producer = logins["producer"]
+    _refused(producer, _forge(producer))
+    _refused(
+        producer,
+        sql.SQL("INSERT INTO {} (event_id, subject, payload) VALUES ('x', 'a.b', '')").format(
+            _table(producer, "outbox_table")
+        ),
+    )
+    # The way in is the enqueue function, which writes as its owner.
+    with psycopg.connect(producer.database_url) as conn:
+        producer_for(producer).enqueue(conn, subject="a.b", payload=b"x", msg_id="m-1")
+
+
+async def test_roles_leave_noetls_own_objects_alone(noetl_outbox: Settings) -> None:
+    settings = noetl_outbox
+    schema = sql.Identifier(settings.schema)
+    app = f"{settings.schema}_app"  # NoETL's application user, with the grants NoETL gives it
+    async with await connect_postgres(settings, autocommit=True) as admin:
+        await admin.execute(
+            sql.SQL(
+                "CREATE ROLE {app} LOGIN; GRANT USAGE ON SCHEMA {s} TO {app};"
+                " GRANT ALL ON {s}.event, {s}.catalog, {s}.outbox TO {app};"
+                " GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO {app}"
+            ).format(app=sql.Identifier(app), s=schema)
+        )
+    async with await connect_postgres(settings) as conn:
+        groups = await grant_roles(conn, settings.names)
+        await conn.commit()
+    try:
+        as_app = make_conninfo(settings.database_url, user=app)
+        with psycopg.connect(as_app) as conn:
+            # NoETL's own inserts: ids from its function, its outbox, its catalog.
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {s}.event (event_id, execution_id, catalog_id, event_type,"
+                    " node_name, status, created_at)"
+                    " VALUES ({s}.snowflake_id(), {s}.snowflake_id(), %s, 'playbook.initialized',"
+                    " 'start', 'STARTED', now())"
+                ).format(s=schema),
+                (NOETL_CATALOG_ID,),
+            )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {s}.outbox (execution_id, event_id, subject, payload)"
+                    " VALUES (1, {s}.snowflake_id(), 'noetl.events.x', '{{}}')"
+                ).format(s=schema)
+            )
+            conn.execute(
+                sql.SQL("INSERT INTO {s}.catalog (path, kind) VALUES ('p', 'Playbook')").format(
+                    s=schema
+                )
+            )
+        # Our objects are ours: the application user was given none of them.
+        _refused(replace(settings, database_url=as_app), _forge(settings))
+    finally:
+        async with await connect_postgres(settings, autocommit=True) as admin:
+            for role in [app, *groups]:
+                await admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                await admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

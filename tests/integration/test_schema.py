@@ -9,7 +9,7 @@ from psycopg.conninfo import make_conninfo
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.errors import NotMigratedError
+from outbox_relay.errors import ConfigError, NotMigratedError
 from outbox_relay.producer import Producer
 from outbox_relay.schema import ensure_migrated, latest_version, migrate
 from tests.helpers import fetch_all
@@ -18,7 +18,7 @@ from tests.unit.test_subjects import INVALID, VALID
 
 async def test_migrate_is_idempotent_and_recorded(unmigrated: Settings) -> None:
     async with await connect_postgres(unmigrated) as conn:
-        first = await migrate(conn, unmigrated.names)
+        first = await migrate(conn, unmigrated.names, create_event_table=True)
         second = await migrate(conn, unmigrated.names)
         await ensure_migrated(conn, unmigrated.names)
     assert [m.version for m in first] == list(range(1, latest_version() + 1))
@@ -37,7 +37,7 @@ async def test_concurrent_migrations_serialise(unmigrated: Settings) -> None:
 
     async def run() -> None:
         async with await connect_postgres(unmigrated) as conn:
-            applied.append(len(await migrate(conn, unmigrated.names)))
+            applied.append(len(await migrate(conn, unmigrated.names, create_event_table=True)))
 
     async with anyio.create_task_group() as tg:
         for _ in range(4):
@@ -149,3 +149,17 @@ async def test_sslmode_and_friends_reach_libpq_untouched(outbox: Settings) -> No
             row = await cur.fetchone()
             if mode == "disable":
                 assert row == (False,)
+
+
+async def test_a_first_migrate_without_noetls_event_table_refuses_unless_asked(
+    unmigrated: Settings,
+) -> None:
+    # NoETL's DDL (CREATE TABLE IF NOT EXISTS) would keep a table of ours as it is.
+    async with await connect_postgres(unmigrated) as conn:
+        with pytest.raises(ConfigError, match=r"no event table .*--create-event-table"):
+            await migrate(conn, unmigrated.names)
+    exists = "SELECT to_regclass(%s) IS NOT NULL"
+    assert await fetch_all(unmigrated, exists, (unmigrated.names.event_table,)) == [(False,)]
+    async with await connect_postgres(unmigrated) as conn:
+        assert await migrate(conn, unmigrated.names, create_event_table=True)
+    assert await fetch_all(unmigrated, exists, (unmigrated.names.event_table,)) == [(True,)]

@@ -1,17 +1,27 @@
 from dataclasses import replace
 
 import anyio
+import psycopg
+import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
+from outbox_relay.ids import SnowflakeGenerator
 from outbox_relay.jetstream import ensure_stream
 from outbox_relay.verify import Window, verify
-from tests.helpers import drained, emit_events, running_relay, wait_until
+from tests.helpers import drained, emit_events, producer_for, running_relay, wait_until
+from tests.noetl import EVENT_TABLES, NOETL_CATALOG_ID, migrated
 
 ALL = Window()
+
+
+@pytest.fixture(params=EVENT_TABLES)
+async def outbox(request: pytest.FixtureRequest, unmigrated: Settings) -> Settings:
+    """Every test here runs over our event table and over NoETL's."""
+    return await migrated(unmigrated, request.param)
 
 
 async def run_verify(settings: Settings, nc: NATS, window: Window = ALL) -> dict[str, int]:
@@ -102,3 +112,29 @@ async def test_an_event_message_without_its_ordering_headers_is_a_violation(
     async with await connect_postgres(outbox, autocommit=True) as conn:
         unkeyed = replace(outbox, ordering_key=None)
         assert (await verify(conn, nc.jetstream(), unkeyed, ALL)).unkeyed == []
+
+
+async def test_one_msg_id_shared_by_two_rows_is_collided_not_clean(
+    noetl_outbox: Settings, nc: NATS
+) -> None:
+    # Two executions' events with one id (as NoETL's shard 1 and a relay could mint):
+    # JetStream keeps the first and drops the second as a duplicate msg id.
+    producer = producer_for(noetl_outbox)
+    shared = SnowflakeGenerator(7).next_id()
+    with psycopg.connect(noetl_outbox.database_url, autocommit=True) as conn:
+        for execution_id in (1, 2):
+            producer.emit_event(
+                conn,
+                event_type="step.exit",
+                execution_id=execution_id,
+                event_id=shared,
+                catalog_id=NOETL_CATALOG_ID,
+            )
+    async with running_relay(noetl_outbox):
+        await wait_until(lambda: drained(noetl_outbox))
+    async with await connect_postgres(noetl_outbox, autocommit=True) as conn:
+        report = await verify(conn, nc.jetstream(), noetl_outbox, ALL)
+    summary = report.as_dict()
+    assert (summary["collided"], summary["ok"], summary["lost"]) == (1, 1, 1)
+    assert summary["samples"]["collided"] == [shared]
+    assert not report.clean

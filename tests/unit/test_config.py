@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from outbox_relay.cli import cli, settings_from
 from outbox_relay.config import (
+    DurableConsumer,
     NatsAuth,
     Settings,
     describe_database,
@@ -122,3 +124,40 @@ def test_each_nats_auth_method_maps_to_its_client_option() -> None:
     assert auth_options(NatsAuth(token="t")) == {"token": "t"}
     assert auth_options(NatsAuth(creds_file=__file__)) == {"user_credentials": __file__}
     assert auth_options(NatsAuth(nkey_seed_file=__file__)) == {"nkeys_seed": __file__}
+
+
+def test_durable_consumers_parse_from_one_word_each() -> None:
+    assert DurableConsumer.parse("noetl_projector:noetl.events.>") == DurableConsumer(
+        "noetl_projector", "noetl.events.>", "explicit"
+    )
+    assert DurableConsumer.parse("audit:noetl.events.*.failed:all").ack_policy == "all"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("noetl_projector", "use name:filter"),
+        ("a.b:noetl.events.>", "invalid consumer name"),
+        ("p:noetl.events.>:sometimes", "ack policy must be explicit, all or none"),
+        ("p:noetl..events", "filter"),
+        ("p:noetl.events.>.x", "filter"),
+    ],
+)
+def test_bad_durable_consumers_are_refused_in_one_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DurableConsumer.parse(text)
+
+
+def test_a_consumer_filter_outside_the_stream_is_refused() -> None:
+    with pytest.raises(ConfigError, match="outside the stream's subjects"):
+        Settings(consumers=(DurableConsumer("p", "other.events.>"),))
+
+
+def test_consumers_come_from_one_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "OUTBOX_CONSUMERS",
+        "noetl_projector:noetl.events.> noetl_result_materializer:noetl.events.>:explicit",
+    )
+    context = cli.commands["run"].make_context("run", [])
+    consumers = settings_from(dict(context.params)).consumers
+    assert [c.name for c in consumers] == ["noetl_projector", "noetl_result_materializer"]

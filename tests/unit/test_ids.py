@@ -7,10 +7,14 @@ from outbox_relay.errors import ConfigError
 from outbox_relay.ids import (
     EPOCH_MS,
     LEASED_INSTANCE_BITS,
+    LEASED_INSTANCES,
     MAX_SHARD_ID,
+    NOETL_SHARD_ID,
     SnowflakeGenerator,
+    leased_instance,
     split_id,
 )
+from outbox_relay.producer import Producer
 
 
 def test_layout_matches_noetl() -> None:
@@ -69,3 +73,20 @@ def test_leased_instances_never_collide_with_each_other() -> None:
     a = SnowflakeGenerator(5, instance_bits=LEASED_INSTANCE_BITS)
     b = SnowflakeGenerator(6, instance_bits=LEASED_INSTANCE_BITS)
     assert not {a.next_id() for _ in range(5000)} & {b.next_id() for _ in range(5000)}
+
+
+def test_noetls_shard_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # noetl.snowflake_id() mints with shard 1 and a sequence below 1024.
+    with pytest.raises(ConfigError, match=r"noetl\.snowflake_id"):
+        Producer(ids=SnowflakeGenerator(NOETL_SHARD_ID))
+    monkeypatch.setenv("OUTBOX_SHARD_ID", str(NOETL_SHARD_ID))
+    with pytest.raises(ConfigError, match="choose another OUTBOX_SHARD_ID"):
+        Producer.from_env()
+
+
+def test_leases_never_hand_out_an_instance_whose_ids_could_be_noetls() -> None:
+    instances = [leased_instance(lease) for lease in range(LEASED_INSTANCES)]
+    assert len(set(instances)) == len(instances)
+    assert all(0 <= i < 1 << LEASED_INSTANCE_BITS for i in instances)
+    # Bits 18-22 of an id are the instance's top five bits; NoETL's are always 1.
+    assert not [i for i in instances if i >> (LEASED_INSTANCE_BITS - 5) == NOETL_SHARD_ID]

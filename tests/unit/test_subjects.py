@@ -1,8 +1,7 @@
 import pytest
 
 from outbox_relay.errors import InvalidSubjectError
-from outbox_relay.jetstream import subject_matches
-from outbox_relay.subjects import event_subject, validate_subject
+from outbox_relay.subjects import event_subject, subject_matches, validate_subject
 
 VALID = ["noetl.events.command.issued", "a", "a.b-c_d.E9", "ünïcode.ok", "x.$JS-like"]
 INVALID = {
