@@ -10,7 +10,7 @@ import asyncio
 import enum
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -21,18 +21,30 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from outbox_relay.errors import OutboxError
 from outbox_relay.failpoints import AFTER_PUBLISH, armed, failpoint
+from outbox_relay.headers import (
+    EXPECTED_STREAM_HEADER,
+    MSG_ID_HEADER,
+    ORDERING_KEY_HEADER,
+    SEQUENCE_HEADER,
+    sendable_headers,
+    validate_header_value,
+    wire_size,
+)
 from outbox_relay.store import Failure, OutboxMessage
+from outbox_relay.subjects import validate_subject
 
-MSG_ID_HEADER = "Nats-Msg-Id"
-EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
-# On keyed rows: the key, and the outbox id, which orders a key's rows as committed.
-ORDERING_KEY_HEADER = "Outbox-Ordering-Key"
-SEQUENCE_HEADER = "Outbox-Sequence"
+__all__ = [
+    "EXPECTED_STREAM_HEADER",
+    "MSG_ID_HEADER",
+    "ORDERING_KEY_HEADER",
+    "SEQUENCE_HEADER",
+    "wire_size",
+]
+
 STATUS_HEADER = "Status"
 NO_RESPONDERS_STATUS = "503"
-_HEADER_LINE = b"NATS/1.0\r\n"
-_CRLF = 2
 # JetStream API errors that are about the server's state, not the message: retried
 # without counting against the row.
 _TRANSIENT_API_CODES = frozenset({503})
@@ -69,13 +81,19 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
 
 
 def message_headers(message: OutboxMessage, stream: str) -> dict[str, str]:
-    headers = dict(message.headers) if message.headers else {}
-    headers[MSG_ID_HEADER] = message.event_id
+    """The headers to send; :class:`OutboxError` if the row's own cannot be sent.
+
+    Rows are checked by the outbox's constraints; this is the last line of defence
+    for one that got past them (written before them, or with them dropped).
+    """
+    validate_subject(message.subject)
+    headers = sendable_headers(message.headers) if message.headers is not None else {}
+    headers[MSG_ID_HEADER] = validate_header_value("msg id", message.event_id)
     # The server refuses the message unless this stream stores it, so a subject
     # captured by another stream is a row failure, never a silent detour.
     headers[EXPECTED_STREAM_HEADER] = stream
     if message.ordering_key is not None:
-        headers[ORDERING_KEY_HEADER] = message.ordering_key
+        headers[ORDERING_KEY_HEADER] = validate_header_value("ordering key", message.ordering_key)
         headers[SEQUENCE_HEADER] = str(message.id)
     return headers
 
@@ -96,18 +114,6 @@ def waves(
             later[key] = deque()
             first.append(message)
     return first, later
-
-
-def wire_size(headers: Mapping[str, str], payload_size: int) -> int:
-    """Bytes the server counts against max_payload: the header block plus the payload.
-
-    nats-py checks only the payload, and a server that receives more than max_payload
-    closes the connection; we check the sum so one bad row cannot drop the connection.
-    """
-    header_size = len(_HEADER_LINE) + _CRLF
-    for key, value in headers.items():
-        header_size += len(key.encode()) + 2 + len(value.strip().encode()) + _CRLF
-    return header_size + payload_size
 
 
 @dataclass(slots=True)
@@ -281,7 +287,11 @@ class Publisher:
         in_flight: list[_InFlight] = []
         max_payload = self._nc.max_payload
         for message in messages:
-            headers = message_headers(message, self._stream)
+            try:
+                headers = message_headers(message, self._stream)
+            except OutboxError as exc:
+                result.failures.append(Failure(message.id, f"unpublishable row: {exc}"))
+                continue
             size = wire_size(headers, len(message.payload))
             if size > max_payload:
                 result.failures.append(

@@ -55,6 +55,9 @@ class Names:
         if "$" in self.schema:
             # Our functions' bodies are dollar-quoted and name the schema inside.
             raise ConfigError(f"schema name {self.schema!r} must not contain '$'")
+        if "%" in self.schema:
+            # Queries with parameters read '%' as a placeholder, even inside a name.
+            raise ConfigError(f"schema name {self.schema!r} must not contain '%'")
 
     @property
     def lock_object(self) -> int:
@@ -96,6 +99,8 @@ class Names:
             "migrations_table": q("event_outbox_migration"),
             "enqueue_function": q("event_outbox_enqueue"),
             "notify_function": q("event_outbox_notify"),
+            "headers_valid_function": q("event_outbox_headers_valid"),
+            "wire_size_function": q("event_outbox_wire_size"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(

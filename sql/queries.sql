@@ -106,7 +106,8 @@ SELECT event.event_id,
            convert_to(to_jsonb(event)::text, 'UTF8'),
            event.event_id::text,
            %(headers)s,
-           %(max_payload)s,
+           -- The budget left by the relay's headers, less the key's own bytes.
+           %(max_payload)s - coalesce(octet_length({ordering_key}), 0),
            {ordering_key})
 FROM event;
 
