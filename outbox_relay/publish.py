@@ -46,9 +46,10 @@ __all__ = [
 STATUS_HEADER = "Status"
 NO_RESPONDERS_STATUS = "503"
 # JetStream API errors that are about the server's state, not the message: retried
-# without counting against the row.
-_TRANSIENT_API_CODES = frozenset({503})
-_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094})
+# after an outage backoff, without counting against the row. 429 is overload and flow
+# control (10167: too many messages queued for the stream); 503 is unavailability.
+_TRANSIENT_API_CODES = frozenset({429, 503})
+_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094, 10167})
 
 
 class Kind(enum.Enum):
