@@ -37,9 +37,10 @@ from outbox_relay.dead_letters import (
     show_dead_letter,
 )
 from outbox_relay.errors import ConfigError, InvalidSubjectError, OutboxError
-from outbox_relay.jetstream import connect_nats
+from outbox_relay.jetstream import connect_nats, require_stream
 from outbox_relay.logs import LogFormat, configure_logging
 from outbox_relay.metrics import HealthServer
+from outbox_relay.producer import max_payload_from_env
 from outbox_relay.queries import ROLE_PURPOSES
 from outbox_relay.relay import Relay
 from outbox_relay.replay import ReplaySelection, replay
@@ -521,12 +522,19 @@ def check_command(**options: Any) -> None:
             click.echo(f"warning: {warning}", err=True)
         nc = await connect_nats(settings, name="outbox-relay check")
         try:
-            info = await nc.jetstream().stream_info(settings.stream)
-        except Exception as exc:
-            raise OutboxError(f"stream {settings.stream}: {exc or type(exc).__name__}") from exc
+            info = await require_stream(nc.jetstream(), settings)
+            server_max = nc.max_payload
         finally:
             await nc.close()
         click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
+        click.echo(f"nats max_payload: {server_max:,} bytes, headers included")
+        if (producer_max := max_payload_from_env()) > server_max:
+            click.echo(
+                f"warning: the producers' maximum of {producer_max:,} bytes "
+                f"(OUTBOX_MAX_PAYLOAD) is above the server's max_payload of {server_max:,}: "
+                "larger messages would be accepted, then dead-lettered; lower it",
+                err=True,
+            )
 
     _run_async(go)
 
@@ -566,6 +574,7 @@ def verify_command(as_json: bool, **options: Any) -> None:
             await ensure_migrated(conn, settings.names)
             nc = await connect_nats(settings, name="outbox-relay verify")
             try:
+                await require_stream(nc.jetstream(), settings)
                 return await verify(conn, nc.jetstream(), settings, window)
             finally:
                 await nc.close()
@@ -808,6 +817,13 @@ def main() -> None:
             raise _sole_cause(group) from group
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line, like every other mistake; the usage is one --help away.
+        command = exc.ctx.command_path if exc.ctx else "outbox-relay"
+        click.echo(
+            f"outbox-relay: error: {exc.format_message()} (see `{command} --help`)", err=True
+        )
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

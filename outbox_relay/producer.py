@@ -72,16 +72,11 @@ class Producer:
         """Configured by ``OUTBOX_SCHEMA``, ``OUTBOX_SUBJECT_PREFIX``,
         ``OUTBOX_MAX_PAYLOAD``, ``OUTBOX_SHARD_ID`` and ``OUTBOX_ORDERING_KEY`` (an
         event column, ``execution_id`` by default; empty: unordered)."""
-        raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
-        try:
-            max_payload = int(raw_max)
-        except ValueError:
-            raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
         shard_id = shard_id_from_env()
         return cls(
             schema=os.environ.get("OUTBOX_SCHEMA", DEFAULT_SCHEMA),
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
-            max_payload=max_payload,
+            max_payload=max_payload_from_env(),
             ids=None if shard_id is None else SnowflakeGenerator(shard_id),
             ordering_key=os.environ.get("OUTBOX_ORDERING_KEY", "execution_id") or None,
         )
@@ -272,6 +267,15 @@ class Producer:
             f"once the relay adds {self.max_payload - budget} bytes of headers; the maximum "
             "(OUTBOX_MAX_PAYLOAD) must not exceed the NATS server's max_payload"
         )
+
+
+def max_payload_from_env() -> int:
+    """The producers' message maximum: ``OUTBOX_MAX_PAYLOAD``, 1 MiB by default."""
+    raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
+    try:
+        return int(raw_max)
+    except ValueError:
+        raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
 
 
 def _validate_msg_id(msg_id: str) -> None:

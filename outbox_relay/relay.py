@@ -191,6 +191,8 @@ class Relay:
         try:
             status = await ensure_stream(nc.jetstream(), settings)
             log.info("%s", status.describe())
+            # Rows over it (with their headers) are dead-lettered, not sent.
+            log.info("NATS server max_payload: %d bytes", nc.max_payload)
             for warning in status.warnings:
                 log.warning("%s", warning)
             publisher = Publisher(nc, nc.jetstream(), settings.stream, settings.publish_timeout)
