@@ -28,7 +28,7 @@ from outbox_relay.config import (
     parse_duration,
     split_nats_urls,
 )
-from outbox_relay.database import connect_postgres
+from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.dead_letters import (
     DeadLetterFilter,
     list_dead_letters,
@@ -332,10 +332,13 @@ def migrate_command(**options: Any) -> None:
     async def go() -> None:
         async with await connect_postgres(settings) as conn:
             applied = await migrate(conn, settings.names)
+            target = connected_to(conn)
         if applied:
             for migration in applied:
                 click.echo(f"applied {migration.version:04d}_{migration.name}")
-        click.echo(f"schema {settings.schema} is at version {latest_version()}")
+        click.echo(
+            f"schema {settings.schema} is at version {latest_version()} in database {target}"
+        )
 
     _run_async(go)
 
@@ -435,6 +438,8 @@ def lag_command(
     """Show pending rows, the oldest pending row's age and the dead letters."""
     settings = settings_from(options)
     limits = LagLimits(max_age, max_pending)
+    if watch and interval <= 0:
+        raise click.BadParameter("must be positive, e.g. 2s", param_hint="--interval")
     if watch:
         with contextlib.suppress(KeyboardInterrupt):
             _run_async(lambda: watch_lag(settings, limits, interval, as_json=as_json))
@@ -553,8 +558,16 @@ def _window(options: dict[str, Any]) -> Window:
     since, until = options.pop("since"), options.pop("until")
     if (from_id is not None or to_id is not None) and (since or until):
         raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
+    if from_id is not None and to_id is not None and from_id > to_id:
+        raise click.UsageError(f"--from-id {from_id} is after --to-id {to_id}: the window is empty")
     if since or until:
-        return Window.between(_moment(since), _moment(until))
+        start, end = _moment(since), _moment(until)
+        if start is not None and end is not None and start > end:
+            raise click.UsageError(
+                f"--since {since} is after --until {until}: the window is empty "
+                "(a duration means that long ago)"
+            )
+        return Window.between(start, end)
     return Window(from_id, to_id)
 
 

@@ -251,5 +251,9 @@ LIMIT %(wanted)s;
 SELECT pg_advisory_unlock({partition_lock_class} + p, {lock_object})
 FROM unnest(%(partitions)s::int[]) AS p;
 
+-- name: count_pending_ids
+-- How many of these msg ids still wait in the outbox (the demo's own events).
+SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
+
 -- name: ping
 SELECT true;

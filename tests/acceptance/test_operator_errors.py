@@ -1,15 +1,21 @@
 """What an operator sees when a server or a setting is not as expected: one line on
 stderr and the README's exit code, never a traceback or a warning before it."""
 
+import signal
 import socket
+from pathlib import Path
 
+import anyio
+import psycopg
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.embedded import EmbeddedNats
-from tests.acceptance.cli import Result, env_for, outbox_relay
+from tests.acceptance.cli import RelayProcess, Result, env_for, outbox_relay, relay_process
+from tests.helpers import producer_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +109,56 @@ async def test_check_prints_max_payload_and_warns_when_producers_may_exceed_it(
     assert f"nats max_payload: {nc.max_payload:,} bytes" in result.stdout
     assert f"is above the server's max_payload of {nc.max_payload:,}" in result.stderr
     assert "warning" not in (await outbox_relay("check", env=env_for(outbox))).stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lag", "--watch", "--interval", "0"], "--interval"),
+        (["verify", "--since", "1h", "--until", "2h"], "the window is empty"),
+        (["verify", "--from-id", "10", "--to-id", "1"], "the window is empty"),
+        (["replay", "--from-id", "10", "--to-id", "1"], "the window is empty"),
+    ],
+)
+async def test_settings_that_could_only_spin_or_match_nothing_are_refused(
+    outbox: Settings, args: list[str], message: str
+) -> None:
+    with anyio.fail_after(30):  # a spinning --watch would never return
+        result = await outbox_relay(*args, env=env_for(outbox))
+    one_line(result, 2, message)
+
+
+async def test_migrate_run_and_demo_name_their_database(
+    unmigrated: Settings, tmp_path: Path
+) -> None:
+    target = await _connected_to(unmigrated)
+    migrated = await outbox_relay("migrate", env=env_for(unmigrated))
+    assert f"in database {target}" in migrated.stdout, migrated.stdout
+    env = env_for(unmigrated, OUTBOX_LOG_FORMAT="json")
+    with relay_process(env, tmp_path / "relay.log") as relay:
+        await wait_until(lambda: _logged(relay, "started"), within=30)
+        relay.signal(signal.SIGTERM)
+        relay.wait(timeout=15)
+    assert f"database {target}" in relay.output()
+    demo = await outbox_relay("demo", "--events", "5", env=env, within=120)
+    assert f"in database {target}" in demo.stdout, demo.stdout + demo.stderr
+
+
+async def _connected_to(settings: Settings) -> str:
+    async with await connect_postgres(settings) as conn:
+        return connected_to(conn)
+
+
+async def _logged(relay: RelayProcess, text: str) -> bool:
+    return text in relay.output()
+
+
+async def test_demo_waits_for_its_own_events_not_the_whole_outbox(unmigrated: Settings) -> None:
+    env = env_for(unmigrated)
+    assert (await outbox_relay("migrate", env=env)).returncode == 0
+    # Someone else's row that stays pending for minutes: bound by no stream.
+    with psycopg.connect(unmigrated.database_url) as conn:
+        producer_for(unmigrated).enqueue(conn, subject="nowhere.at.all", payload=b"x", msg_id="x")
+    result = await outbox_relay("demo", "--events", "10", env=env, within=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10 events committed and in stream" in result.stdout
