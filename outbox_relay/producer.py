@@ -366,7 +366,8 @@ def _translated_errors(max_payload: int) -> Iterator[None]:
         if error is None:
             raise
         raise error(f"{exc.diag.message_primary} ({exc.diag.constraint_name})") from exc
-    except psycopg.DataError as exc:  # e.g. an integer out of its column's range
+    except (psycopg.DataError, psycopg.errors.DatatypeMismatch) as exc:
+        # An integer out of its column's range, a scalar for a jsonb column, ...
         raise InvalidValueError(str(exc).strip().splitlines()[0]) from exc
 
 

@@ -171,6 +171,7 @@ async def test_bad_enqueue_arguments_raise_typed_errors(
         ({"x": 2**70}, "as jsonb"),
         ({"x": "nul\x00"}, "contains NUL"),
         ({1: "non-str key"}, "as jsonb"),
+        (1.5, "is of type jsonb"),
     ],
 )
 async def test_values_jsonb_would_change_or_refuse_raise_typed_errors(
