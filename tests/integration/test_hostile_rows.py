@@ -10,12 +10,15 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from outbox_relay.config import Settings
+from outbox_relay.database import connect_postgres
 from outbox_relay.errors import (
+    ConfigError,
     InvalidHeadersError,
     InvalidSubjectError,
     InvalidValueError,
     PayloadTooLargeError,
 )
+from outbox_relay.replay import ReplaySelection, replay
 from outbox_relay.subjects import MAX_SUBJECT_BYTES
 from tests.helpers import (
     assert_exactly_once,
@@ -186,3 +189,19 @@ async def test_an_out_of_range_column_value_raises_a_typed_error(
 ) -> None:
     with pytest.raises(InvalidValueError, match="out of range"):
         producer_for(outbox).emit_event(db, event_type="a", execution_id=1, catalog_id=2**70)
+
+
+async def test_replay_refuses_events_whose_subject_nats_could_not_take(outbox: Settings) -> None:
+    # NoETL writes its event table itself; the subject is made at replay.
+    async with await connect_postgres(outbox) as conn:
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.event (execution_id, event_id, event_type) VALUES (1, 1, %s)"
+            ).format(sql.Identifier(outbox.schema)),
+            ("t" * MAX_SUBJECT_BYTES,),
+        )
+        await conn.commit()
+        with pytest.raises(ConfigError, match="event_outbox_subject_length"):
+            await replay(
+                conn, outbox.names, outbox.subject_prefix, ReplaySelection(everything=True)
+            )
