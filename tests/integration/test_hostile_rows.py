@@ -18,7 +18,9 @@ from outbox_relay.errors import (
     InvalidValueError,
     PayloadTooLargeError,
 )
+from outbox_relay.queries import query, render
 from outbox_relay.replay import ReplaySelection, replay
+from outbox_relay.schema import migrate, migrations
 from outbox_relay.subjects import MAX_SUBJECT_BYTES
 from tests.helpers import (
     assert_exactly_once,
@@ -205,3 +207,38 @@ async def test_replay_refuses_events_whose_subject_nats_could_not_take(outbox: S
             await replay(
                 conn, outbox.names, outbox.subject_prefix, ReplaySelection(everything=True)
             )
+
+
+async def test_migration_0007_moves_rows_it_would_refuse_to_the_dead_letters(
+    unmigrated: Settings,
+) -> None:
+    names = unmigrated.names
+    async with await connect_postgres(unmigrated) as conn:
+        await conn.execute(query("create_migrations_table", names))
+        for migration in migrations():
+            if migration.version < 7:  # the schema as it was before the constraints
+                await conn.execute(render(migration.text, names))
+                await conn.execute(
+                    query("record_migration", names),
+                    {"version": migration.version, "name": migration.name},
+                )
+        await conn.commit()
+    with psycopg.connect(unmigrated.database_url, autocommit=True) as sync:
+        enqueue_sql(sync, unmigrated, "a.b", "bad-header", headers={"x-retry-count": 1})
+        enqueue_sql(sync, unmigrated, "a." + "b" * 5000, "long-subject")
+        enqueue_sql(sync, unmigrated, "a.b", "fine", headers={"x": "y"})
+    async with await connect_postgres(unmigrated) as conn:
+        await migrate(conn, names)
+    dead = await fetch_all(
+        unmigrated,
+        sql.SQL("SELECT event_id, reason FROM {}.event_outbox_dead_letter ORDER BY id").format(
+            sql.Identifier(unmigrated.schema)
+        ),
+    )
+    assert [event_id for event_id, _ in dead] == ["bad-header", "long-subject"]
+    assert all("migration 0007" in reason for _, reason in dead)
+    pending = await fetch_all(
+        unmigrated,
+        sql.SQL("SELECT event_id FROM {}.event_outbox").format(sql.Identifier(unmigrated.schema)),
+    )
+    assert pending == [("fine",)]
