@@ -29,7 +29,7 @@ from outbox_relay.config import (
     parse_duration,
     split_nats_urls,
 )
-from outbox_relay.database import connect_postgres
+from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.dead_letters import (
     DeadLetterFilter,
     list_dead_letters,
@@ -38,9 +38,10 @@ from outbox_relay.dead_letters import (
     show_dead_letter,
 )
 from outbox_relay.errors import ConfigError, InvalidSubjectError, OutboxError
-from outbox_relay.jetstream import connect_nats
+from outbox_relay.jetstream import connect_nats, require_stream
 from outbox_relay.logs import LogFormat, configure_logging
 from outbox_relay.metrics import HealthServer
+from outbox_relay.producer import max_payload_from_env
 from outbox_relay.queries import ROLE_PURPOSES
 from outbox_relay.relay import Relay
 from outbox_relay.replay import ReplaySelection, replay
@@ -366,10 +367,13 @@ def migrate_command(create_event_table: bool, **options: Any) -> None:
     async def go() -> None:
         async with await connect_postgres(settings) as conn:
             applied = await migrate(conn, settings.names, create_event_table=create_event_table)
+            target = connected_to(conn)
         if applied:
             for migration in applied:
                 click.echo(f"applied {migration.version:04d}_{migration.name}")
-        click.echo(f"schema {settings.schema} is at version {latest_version()}")
+        click.echo(
+            f"schema {settings.schema} is at version {latest_version()} in database {target}"
+        )
 
     _run_async(go)
 
@@ -469,6 +473,8 @@ def lag_command(
     """Show pending rows, the oldest pending row's age and the dead letters."""
     settings = settings_from(options)
     limits = LagLimits(max_age, max_pending)
+    if watch and interval <= 0:
+        raise click.BadParameter("must be positive, e.g. 2s", param_hint="--interval")
     if watch:
         with contextlib.suppress(KeyboardInterrupt):
             _run_async(lambda: watch_lag(settings, limits, interval, as_json=as_json))
@@ -558,12 +564,19 @@ def check_command(**options: Any) -> None:
             click.echo(f"warning: {warning}", err=True)
         nc = await connect_nats(settings, name="outbox-relay check")
         try:
-            info = await nc.jetstream().stream_info(settings.stream)
-        except Exception as exc:
-            raise OutboxError(f"stream {settings.stream}: {exc or type(exc).__name__}") from exc
+            info = await require_stream(nc.jetstream(), settings)
+            server_max = nc.max_payload
         finally:
             await nc.close()
         click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
+        click.echo(f"nats max_payload: {server_max:,} bytes, headers included")
+        if (producer_max := max_payload_from_env()) > server_max:
+            click.echo(
+                f"warning: the producers' maximum of {producer_max:,} bytes "
+                f"(OUTBOX_MAX_PAYLOAD) is above the server's max_payload of {server_max:,}: "
+                "larger messages would be accepted, then dead-lettered; lower it",
+                err=True,
+            )
         if squatters:
             pids = ", ".join(str(s.pid) for s in squatters)
             raise OutboxError(
@@ -588,7 +601,15 @@ def _window_bounds(options: dict[str, Any]) -> tuple[Window, datetime | None, da
     since, until = options.pop("since"), options.pop("until")
     if (from_id is not None or to_id is not None) and (since or until):
         raise click.UsageError("give an id window (--from-id/--to-id) or a time window, not both")
-    return Window(from_id, to_id), _moment(since), _moment(until)
+    if from_id is not None and to_id is not None and from_id > to_id:
+        raise click.UsageError(f"--from-id {from_id} is after --to-id {to_id}: the window is empty")
+    start, end = _moment(since), _moment(until)
+    if start is not None and end is not None and start > end:
+        raise click.UsageError(
+            f"--since {since} is after --until {until}: the window is empty "
+            "(a duration means that long ago)"
+        )
+    return Window(from_id, to_id), start, end
 
 
 def _window(options: dict[str, Any]) -> Window:
@@ -613,6 +634,7 @@ def verify_command(as_json: bool, **options: Any) -> None:
             await ensure_migrated(conn, settings.names)
             nc = await connect_nats(settings, name="outbox-relay verify")
             try:
+                await require_stream(nc.jetstream(), settings)
                 return await verify(conn, nc.jetstream(), settings, window)
             finally:
                 await nc.close()
@@ -862,6 +884,13 @@ def main() -> None:
             raise _sole_cause(group) from group
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line, like every other mistake; the usage is one --help away.
+        command = exc.ctx.command_path if exc.ctx else "outbox-relay"
+        click.echo(
+            f"outbox-relay: error: {exc.format_message()} (see `{command} --help`)", err=True
+        )
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -191,7 +191,8 @@ class Settings:
                 raise ConfigError(
                     f"invalid NATS URL {redact_url(url)!r}: expected nats://host:port"
                 )
-        if not _STREAM_NAME.match(self.stream):
+        # Bytes, too: the producer reserves room for the longest name in its headers.
+        if not _STREAM_NAME.match(self.stream) or len(self.stream.encode()) > 255:
             raise ConfigError(
                 f"invalid stream name {self.stream!r}: no spaces, '.', '*', '>' or slashes"
             )

@@ -44,6 +44,12 @@ async def connect_postgres(
     return conn
 
 
+def connected_to(conn: psycopg.AsyncConnection[Any]) -> str:
+    """``user@host:port/dbname`` of an open connection: the target as libpq resolved it."""
+    info = conn.info
+    return f"{info.user}@{info.host}:{info.port}/{info.dbname}"
+
+
 def _params(conninfo: str) -> dict[str, Any]:
     try:
         return conninfo_to_dict(conninfo)

@@ -16,12 +16,13 @@ import click
 from nats.js import JetStreamContext
 
 from outbox_relay.config import Settings, redact_url, split_nats_urls
-from outbox_relay.database import connect_postgres
+from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 from outbox_relay.errors import OutboxError
 from outbox_relay.jetstream import connect_nats, read_stream
 from outbox_relay.producer import Producer
 from outbox_relay.publish import MSG_ID_HEADER
+from outbox_relay.queries import query
 from outbox_relay.relay import Relay
 from outbox_relay.schema import migrate
 from outbox_relay.store import OutboxStore, RetryPolicy
@@ -73,7 +74,11 @@ async def run_demo(*, events: int, producers: int) -> None:
 async def _demo(settings: Settings, *, events: int, producers: int) -> None:
     async with await connect_postgres(settings) as conn:
         applied = await migrate(conn, settings.names, create_event_table=True)
-    click.echo(f"schema    {settings.schema}: {'migrated' if applied else 'already migrated'}")
+        target = connected_to(conn)
+    click.echo(
+        f"schema    {settings.schema} in database {target}: "
+        f"{'migrated' if applied else 'already migrated'}"
+    )
 
     relay = Relay(settings, relay_id="demo")
     nc = await connect_nats(settings, name="outbox-relay demo")
@@ -136,16 +141,21 @@ async def _watch(
     settings: Settings, js: JetStreamContext, events: int, before: int, emitted: list[int]
 ) -> None:
     store = OutboxStore(settings.names, RetryPolicy())
+    own_pending = query("count_pending_ids", settings.names)
     deadline = time.monotonic() + _ARRIVAL_TIMEOUT
     async with await connect_postgres(settings, autocommit=True) as conn:
         while True:
             lag = await store.lag(conn)
+            # Our own events only: on configured servers others may be pending too.
+            cur = await conn.execute(own_pending, {"ids": [str(i) for i in emitted]})
+            row = await cur.fetchone()
+            pending = int(row[0]) if row else 0
             in_stream = (await js.stream_info(settings.stream)).state.messages - before
             click.echo(
                 f"progress  committed {len(emitted):>5}   in stream {in_stream:>5}   "
-                f"pending {lag.pending:>5}   oldest {lag.oldest_age_seconds * 1000:7.1f} ms"
+                f"pending {pending:>5}   oldest {lag.oldest_age_seconds * 1000:7.1f} ms"
             )
-            if len(emitted) == events and in_stream >= events and lag.pending == 0:
+            if len(emitted) == events and pending == 0:
                 return
             if time.monotonic() > deadline:
                 raise OutboxError("events did not all arrive within 60s; see the relay log")

@@ -105,9 +105,12 @@ def nats_server_binary() -> Path:
 class EmbeddedNats:
     """A nats-server with JetStream on a free loopback port, its store in a temporary directory."""
 
-    def __init__(self, *, port: int = -1, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, port: int = -1, extra_args: tuple[str, ...] = (), jetstream: bool = True
+    ) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-nats-"))
         self._extra_args = extra_args
+        self._jetstream = jetstream  # off only to test how a server without it is met
         self._process: subprocess.Popen[bytes] | None = None
         self.port = port  # -1: let the server pick, then read it from its ports file
 
@@ -128,9 +131,7 @@ class EmbeddedNats:
                 "127.0.0.1",
                 "-p",
                 str(self.port),
-                "-js",
-                "-sd",
-                str(self._dir / "store"),
+                *(("-js", "-sd", str(self._dir / "store")) if self._jetstream else ()),
                 "--ports_file_dir",
                 str(ports_dir),
                 "-l",

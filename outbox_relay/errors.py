@@ -43,3 +43,9 @@ class InvalidHeadersError(OutboxError, ValueError):
     """Message headers NATS would refuse, or that the relay sets itself."""
 
     exit_code = 2
+
+
+class InvalidValueError(OutboxError, ValueError):
+    """A value the database would refuse or store changed (NaN in jsonb, out of range)."""
+
+    exit_code = 2

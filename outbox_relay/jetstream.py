@@ -9,14 +9,23 @@ from typing import Any
 
 import anyio
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from outbox_relay.config import DurableConsumer, NatsAuth, Settings, format_duration, redact_url
-from outbox_relay.errors import ConfigError, ServerUnavailableError
+from outbox_relay.errors import ConfigError, OutboxError, ServerUnavailableError
 from outbox_relay.subjects import subject_matches
 
 log = logging.getLogger(__name__)
@@ -36,7 +45,9 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc) or type(exc).__name__)
-        log.warning("NATS error (%s): %s", shown, errors[-1])
+        if nc.is_connected or nc.is_reconnecting:
+            # Before the first connect the final error line says it all, once.
+            log.warning("NATS error (%s): %s", shown, errors[-1])
 
     async def on_disconnected() -> None:
         if not nc.is_closed:  # a close() of ours is no news
@@ -137,6 +148,53 @@ class StreamStatus:
         )
 
 
+class StreamMissingError(OutboxError):
+    """``check`` or ``verify`` found no stream to check."""
+
+    exit_code = 5
+
+
+async def require_stream(js: JetStreamContext, settings: Settings) -> StreamInfo:
+    """The stream's info, or a one-line error saying why there is none."""
+    try:
+        return await _stream_info(js, settings)
+    except NotFoundError:
+        raise StreamMissingError(await _missing_stream(js, settings)) from None
+
+
+async def _stream_info(js: JetStreamContext, settings: Settings) -> StreamInfo:
+    try:
+        return await js.stream_info(settings.stream)
+    except (ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+        # Nothing answers JetStream's API: not enabled on the server or the account.
+        shown = ", ".join(redact_url(u) for u in settings.nats_urls)
+        raise ServerUnavailableError(
+            f"JetStream is not available at {shown} ({_describe(exc)}): start nats-server "
+            "with JetStream enabled (-js) and allow it for this account"
+        ) from None
+
+
+async def _missing_stream(js: JetStreamContext, settings: Settings) -> str:
+    """Why the stream is missing: never created, or another stream holds its subjects."""
+    try:
+        other = await js.find_stream_name_by_subject(f"{settings.subject_prefix}.probe")
+    except NotFoundError:
+        return (
+            f"stream {settings.stream} missing: start `outbox-relay run` once (it creates "
+            f"it, bound to {settings.subject_wildcard}) or create it"
+        )
+    return (
+        f"stream {settings.stream} does not exist and another stream binds these subjects: "
+        f"{other}; set --stream {other} to use it, or another --subject-prefix"
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, nats.js.errors.APIError) and exc.description:
+        return f"{exc.description}, err_code {exc.err_code}"
+    return str(exc) or type(exc).__name__
+
+
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatus:
     """Create the stream as NoETL's tailer did, or leave an existing one untouched;
     then the configured durable consumers that are absent.
@@ -145,7 +203,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatu
     breaks our assumptions.
     """
     try:
-        info = await js.stream_info(settings.stream)
+        info = await _stream_info(js, settings)
     except NotFoundError:
         config = StreamConfig(
             name=settings.stream,
@@ -157,9 +215,12 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatu
         try:
             info = await js.add_stream(config)
         except BadRequestError:
-            # Another relay created it first (with a config of its own).
-            info = await js.stream_info(settings.stream)
-            created, warnings = False, _stream_warnings(info.config, settings)
+            # Another relay created it first (with a config of its own), or another
+            # stream already binds the subjects.
+            try:
+                info = await js.stream_info(settings.stream)
+            except NotFoundError:
+                raise ConfigError(await _missing_stream(js, settings)) from None
         else:
             created, warnings = True, []
     else:

@@ -10,8 +10,8 @@ twins only execute them.
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +33,11 @@ from outbox_relay.errors import (
     ConfigError,
     InvalidHeadersError,
     InvalidSubjectError,
+    InvalidValueError,
+    OutboxError,
     PayloadTooLargeError,
 )
+from outbox_relay.headers import header_overhead, validate_header_value, validate_headers
 from outbox_relay.ids import (
     LEASED_INSTANCE_BITS,
     LEASED_INSTANCES,
@@ -45,14 +48,6 @@ from outbox_relay.ids import (
 )
 from outbox_relay.queries import Names, ordering_key_of, query
 from outbox_relay.subjects import event_subject, validate_subject
-
-# Headers the relay sets on every message; a producer must not override them.
-RESERVED_HEADERS = frozenset({"nats-msg-id", "nats-expected-stream"})
-_HEADER_KEY = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ':' (RFC 7230 token-ish)
-# W3C Trace Context: version-trace_id-parent_id-flags, lowercase hex, ids not all zero.
-_TRACEPARENT = re.compile(
-    r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"
-)
 
 Headers = Mapping[str, str]
 _Statement = tuple[sql.Composed, dict[str, Any]]
@@ -87,16 +82,11 @@ class Producer:
         """Configured by ``OUTBOX_SCHEMA``, ``OUTBOX_SUBJECT_PREFIX``,
         ``OUTBOX_MAX_PAYLOAD``, ``OUTBOX_SHARD_ID`` and ``OUTBOX_ORDERING_KEY`` (an
         event column, ``execution_id`` by default; empty: unordered)."""
-        raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
-        try:
-            max_payload = int(raw_max)
-        except ValueError:
-            raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
         shard_id = shard_id_from_env()
         return cls(
             schema=os.environ.get("OUTBOX_SCHEMA", DEFAULT_SCHEMA),
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
-            max_payload=max_payload,
+            max_payload=max_payload_from_env(),
             ids=None if shard_id is None else SnowflakeGenerator(shard_id),
             ordering_key=os.environ.get("OUTBOX_ORDERING_KEY", DEFAULT_ORDERING_KEY) or None,
         )
@@ -123,7 +113,9 @@ class Producer:
             ids = self._ids() or self._adopt(_fetch_first(conn, self._lease_statement()))
             event_id = ids.next_id()
         return _execute(
-            conn, self._emit_statement(event_type, execution_id, event_id, headers, columns)
+            conn,
+            self._emit_statement(event_type, execution_id, event_id, headers, columns),
+            self.max_payload,
         )
 
     async def emit_event_async(
@@ -143,7 +135,7 @@ class Producer:
                 ids = self._adopt(await _fetch_first_async(conn, self._lease_statement()))
             event_id = ids.next_id()
         statement = self._emit_statement(event_type, execution_id, event_id, headers, columns)
-        return await _execute_async(conn, statement)
+        return await _execute_async(conn, statement, self.max_payload)
 
     # -- any message ----------------------------------------------------------------
 
@@ -162,7 +154,9 @@ class Producer:
         Rows with the same ``ordering_key`` are published in commit order.
         """
         return _execute(
-            conn, self._enqueue_statement(subject, payload, msg_id, headers, ordering_key)
+            conn,
+            self._enqueue_statement(subject, payload, msg_id, headers, ordering_key),
+            self.max_payload,
         )
 
     async def enqueue_async(
@@ -177,7 +171,9 @@ class Producer:
     ) -> int:
         """:meth:`enqueue` for an :class:`psycopg.AsyncConnection`."""
         return await _execute_async(
-            conn, self._enqueue_statement(subject, payload, msg_id, headers, ordering_key)
+            conn,
+            self._enqueue_statement(subject, payload, msg_id, headers, ordering_key),
+            self.max_payload,
         )
 
     # -- event ids ----------------------------------------------------------------------
@@ -211,10 +207,12 @@ class Producer:
             "event_type": event_type,
         }
         params = {f"col_{name}": _adapt(value) for name, value in row.items()}
+        # The key's own bytes are taken off in SQL, where its value is rendered.
+        key_reserved = "" if self.ordering_key else None
         params |= {
             "subject": event_subject(self.subject_prefix, event_type),
-            "headers": _headers_param(headers),
-            "max_payload": self.max_payload,
+            "headers": _headers_param(headers),  # checked before they are measured
+            "max_payload": self._payload_budget(headers, str(event_id), key_reserved),
         }
         statement = query(
             "emit_event",
@@ -236,60 +234,118 @@ class Producer:
         validate_subject(subject)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        if len(payload) > self.max_payload:
+        _validate_msg_id(msg_id)
+        if ordering_key is not None:
+            validate_header_value("ordering key", ordering_key)
+        headers_param = _headers_param(headers)  # checked before they are measured
+        budget = self._payload_budget(headers, msg_id, ordering_key)
+        if len(payload) > budget:
             raise PayloadTooLargeError(
                 f"payload of {len(payload)} bytes exceeds the maximum of {self.max_payload} "
-                f"bytes (subject {subject})"
+                f"bytes (subject {subject}) {self._budget_note(budget)}"
             )
-        if not msg_id or any(ch in msg_id for ch in "\r\n\x00"):
-            raise InvalidHeadersError(f"invalid msg_id {msg_id!r}: it must be non-empty, one line")
         params = {
             "subject": subject,
             "payload": bytes(payload),
             "event_id": msg_id,
-            "headers": _headers_param(headers),
-            "max_payload": self.max_payload,
+            "headers": headers_param,
+            "max_payload": budget,
             "ordering_key": ordering_key,
         }
         return query("enqueue", self.names), params
 
+    def _payload_budget(
+        self, headers: Headers | None, msg_id: str, ordering_key: str | None
+    ) -> int:
+        """Payload bytes left of ``max_payload`` once the relay has added its headers."""
+        budget = self.max_payload - header_overhead(headers, msg_id, ordering_key)
+        if budget < 1:
+            raise PayloadTooLargeError(
+                f"the headers alone exceed the maximum of {self.max_payload} bytes "
+                f"{self._budget_note(budget)}"
+            )
+        return budget
+
+    def _budget_note(self, budget: int) -> str:
+        return (
+            f"once the relay adds {self.max_payload - budget} bytes of headers; the maximum "
+            "(OUTBOX_MAX_PAYLOAD) must not exceed the NATS server's max_payload"
+        )
+
+
+def max_payload_from_env() -> int:
+    """The producers' message maximum: ``OUTBOX_MAX_PAYLOAD``, 1 MiB by default."""
+    raw_max = os.environ.get("OUTBOX_MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD))
+    try:
+        return int(raw_max)
+    except ValueError:
+        raise ConfigError(f"OUTBOX_MAX_PAYLOAD must be an integer, got {raw_max!r}") from None
+
+
+def _validate_msg_id(msg_id: str) -> None:
+    # Also the JetStream dedupe key: nats-py strips a header value, so blanks around
+    # it would change the id, and a blank one would turn deduplication off.
+    if not isinstance(msg_id, str) or not msg_id.strip() or msg_id != msg_id.strip():
+        raise InvalidHeadersError(
+            f"invalid msg_id {msg_id!r}: it must be a non-empty string without blanks around it"
+        )
+    validate_header_value("msg_id", msg_id)
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in msg_id):
+        raise InvalidHeadersError(f"invalid msg_id {msg_id!r}: no control characters")
+
 
 def _headers_param(headers: Headers | None) -> Jsonb | None:
-    if not headers:
+    if headers is None:
         return None
-    for key, value in headers.items():
-        if not _HEADER_KEY.match(key):
-            raise InvalidHeadersError(f"invalid header name {key!r}")
-        if key.lower() in RESERVED_HEADERS:
-            raise InvalidHeadersError(f"header {key!r} is set by the relay and cannot be given")
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
-            raise InvalidHeadersError(f"header {key!r} must be a one-line string")
-        if key.lower() == "traceparent" and not _TRACEPARENT.match(value):
-            # Carried to consumers as is: a malformed one would break their traces.
-            raise InvalidHeadersError(
-                f"traceparent {value!r} is not W3C Trace Context "
-                "(00-<32 hex trace id>-<16 hex span id>-<2 hex flags>)"
-            )
-    return Jsonb(dict(headers), dumps=_dumps)
+    return _jsonb(validate_headers(headers)) if headers else None
 
 
 def _adapt(value: Any) -> Any:
-    return Jsonb(value, dumps=_dumps) if isinstance(value, dict | list) else value
+    return _jsonb(value) if isinstance(value, dict | list) else value
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+def _jsonb(value: Any) -> Jsonb:
+    """``value`` as jsonb, refused here unless jsonb stores it as given."""
+    _check_json(value)
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:  # a 2**70, a non-str key, a surrogate, ...
+        raise InvalidValueError(f"cannot store {_short(value)} as jsonb: {exc}") from None
+    return Jsonb(value, dumps=lambda _: text)
 
 
-def _execute(conn: psycopg.Connection[Any], statement: _Statement) -> int:
+def _check_json(value: Any) -> None:
+    # orjson writes NaN and Infinity as null, and jsonb refuses \u0000: both would be
+    # a silent change or a late database error.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidValueError(f"{value} cannot be stored in jsonb (JSON has no NaN or Infinity)")
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidValueError(f"{_short(value)} cannot be stored in jsonb: it contains NUL")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key)
+            _check_json(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _execute(conn: psycopg.Connection[Any], statement: _Statement, max_payload: int) -> int:
     """Run a producer statement; its one result is an id."""
-    with _translated_errors():
+    with _translated_errors(max_payload):
         return _fetch_first(conn, statement)
 
 
-async def _execute_async(conn: psycopg.AsyncConnection[Any], statement: _Statement) -> int:
+async def _execute_async(
+    conn: psycopg.AsyncConnection[Any], statement: _Statement, max_payload: int
+) -> int:
     """:func:`_execute` for an :class:`psycopg.AsyncConnection`."""
-    with _translated_errors():
+    with _translated_errors(max_payload):
         return await _fetch_first_async(conn, statement)
 
 
@@ -312,15 +368,35 @@ def _first(row: tuple[Any, ...] | None) -> int:
 
 
 @contextmanager
-def _translated_errors() -> Iterator[None]:
+def _translated_errors(max_payload: int) -> Iterator[None]:
     try:
         yield
     except psycopg.errors.ProgramLimitExceeded as exc:
-        raise PayloadTooLargeError(exc.diag.message_primary or str(exc)) from exc
+        # The function was given what the relay's headers leave of max_payload.
+        raise PayloadTooLargeError(
+            f"message exceeds the maximum of {max_payload} bytes once the relay adds its "
+            f"headers ({exc.diag.message_primary or exc})"
+        ) from exc
     except psycopg.errors.CheckViolation as exc:
-        if exc.diag.constraint_name == "event_outbox_subject_valid":
-            raise InvalidSubjectError(f"invalid subject: {exc.diag.message_primary}") from exc
-        raise
+        error = _CONSTRAINT_ERRORS.get(exc.diag.constraint_name or "")
+        if error is None:
+            raise
+        raise error(f"{exc.diag.message_primary} ({exc.diag.constraint_name})") from exc
+    except (psycopg.DataError, psycopg.errors.DatatypeMismatch) as exc:
+        # An integer out of its column's range, a scalar for a jsonb column, ...
+        raise InvalidValueError(str(exc).strip().splitlines()[0]) from exc
+
+
+# The outbox table's CHECK constraints (sql/migrations), as the producer's errors.
+_CONSTRAINT_ERRORS: dict[str, type[OutboxError]] = {
+    "event_outbox_subject_valid": InvalidSubjectError,
+    "event_outbox_subject_length": InvalidSubjectError,
+    "event_outbox_event_id_valid": InvalidHeadersError,
+    "event_outbox_headers_object": InvalidHeadersError,
+    "event_outbox_headers_valid": InvalidHeadersError,
+    "event_outbox_ordering_key_valid": InvalidHeadersError,
+    "event_outbox_wire_size": PayloadTooLargeError,
+}
 
 
 # Generators leased per schema by this process. A forked child must lease its own:

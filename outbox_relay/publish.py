@@ -10,7 +10,7 @@ import asyncio
 import enum
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -21,23 +21,35 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from outbox_relay.errors import OutboxError
 from outbox_relay.failpoints import AFTER_PUBLISH, armed, failpoint
+from outbox_relay.headers import (
+    EXPECTED_STREAM_HEADER,
+    MSG_ID_HEADER,
+    ORDERING_KEY_HEADER,
+    SEQUENCE_HEADER,
+    sendable_headers,
+    validate_header_value,
+    wire_size,
+)
 from outbox_relay.store import Failure, OutboxMessage
+from outbox_relay.subjects import validate_subject
 
-MSG_ID_HEADER = "Nats-Msg-Id"
-EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
-# On keyed rows in ordered mode: the key, and a number that increases along each
-# key's messages in the order the relay publishes them (OutboxMessage.sequence).
-ORDERING_KEY_HEADER = "Outbox-Ordering-Key"
-SEQUENCE_HEADER = "Outbox-Sequence"
+__all__ = [
+    "EXPECTED_STREAM_HEADER",
+    "MSG_ID_HEADER",
+    "ORDERING_KEY_HEADER",
+    "SEQUENCE_HEADER",
+    "wire_size",
+]
+
 STATUS_HEADER = "Status"
 NO_RESPONDERS_STATUS = "503"
-_HEADER_LINE = b"NATS/1.0\r\n"
-_CRLF = 2
 # JetStream API errors that are about the server's state, not the message: retried
-# without counting against the row.
-_TRANSIENT_API_CODES = frozenset({503})
-_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094})
+# after an outage backoff, without counting against the row. 429 is overload and flow
+# control (10167: too many messages queued for the stream); 503 is unavailability.
+_TRANSIENT_API_CODES = frozenset({429, 503})
+_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094, 10167})
 
 
 class Kind(enum.Enum):
@@ -70,13 +82,19 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
 
 
 def message_headers(message: OutboxMessage, stream: str, *, ordered: bool) -> dict[str, str]:
-    headers = dict(message.headers) if message.headers else {}
-    headers[MSG_ID_HEADER] = message.event_id
+    """The headers to send; :class:`OutboxError` if the row's own cannot be sent.
+
+    Rows are checked by the outbox's constraints; this is the last line of defence
+    for one that got past them (written before them, or with them dropped).
+    """
+    validate_subject(message.subject)
+    headers = sendable_headers(message.headers) if message.headers is not None else {}
+    headers[MSG_ID_HEADER] = validate_header_value("msg id", message.event_id)
     # The server refuses the message unless this stream stores it, so a subject
     # captured by another stream is a row failure, never a silent detour.
     headers[EXPECTED_STREAM_HEADER] = stream
     if ordered and message.ordering_key is not None:
-        headers[ORDERING_KEY_HEADER] = message.ordering_key
+        headers[ORDERING_KEY_HEADER] = validate_header_value("ordering key", message.ordering_key)
         headers[SEQUENCE_HEADER] = str(message.sequence)
     return headers
 
@@ -97,18 +115,6 @@ def waves(
             later[key] = deque()
             first.append(message)
     return first, later
-
-
-def wire_size(headers: Mapping[str, str], payload_size: int) -> int:
-    """Bytes the server counts against max_payload: the header block plus the payload.
-
-    nats-py checks only the payload, and a server that receives more than max_payload
-    closes the connection; we check the sum so one bad row cannot drop the connection.
-    """
-    header_size = len(_HEADER_LINE) + _CRLF
-    for key, value in headers.items():
-        header_size += len(key.encode()) + 2 + len(value.strip().encode()) + _CRLF
-    return header_size + payload_size
 
 
 @dataclass(slots=True)
@@ -284,7 +290,11 @@ class Publisher:
         in_flight: list[_InFlight] = []
         max_payload = self._nc.max_payload
         for message in messages:
-            headers = message_headers(message, self._stream, ordered=self._ordered)
+            try:
+                headers = message_headers(message, self._stream, ordered=self._ordered)
+            except OutboxError as exc:
+                result.failures.append(Failure(message.id, f"unpublishable row: {exc}"))
+                continue
             size = wire_size(headers, len(message.payload))
             if size > max_payload:
                 result.failures.append(

@@ -58,6 +58,9 @@ class Names:
         if "$" in self.schema:
             # Our functions' bodies are dollar-quoted and name the schema inside.
             raise ConfigError(f"schema name {self.schema!r} must not contain '$'")
+        if "%" in self.schema:
+            # Queries with parameters read '%' as a placeholder, even inside a name.
+            raise ConfigError(f"schema name {self.schema!r} must not contain '%'")
 
     @property
     def lock_object(self) -> int:
@@ -108,6 +111,8 @@ class Names:
             "claim_sequence": q("event_outbox_claim"),
             "claim_sequence_literal": sql.Literal(q("event_outbox_claim").as_string()),
             "claim_fence_function": q("event_outbox_claim_fence"),
+            "headers_valid_function": q("event_outbox_headers_valid"),
+            "wire_size_function": q("event_outbox_wire_size"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(

@@ -22,8 +22,8 @@ from typing import Any
 import anyio
 import psycopg
 
-from outbox_relay.config import Settings, format_duration
-from outbox_relay.database import connect_postgres
+from outbox_relay.config import Settings, format_duration, redact_url
+from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import connect_nats, ensure_stream
@@ -140,6 +140,7 @@ class Relay:
         self._holds_idle_lock = False
         self._stopping = anyio.Event()
         self._started = anyio.Event()
+        self._reopen_error = ""  # why the session could not be reopened, for the log
         # Shown in pg_stat_activity, so an operator can tell which relay holds what.
         self._application_name = f"outbox-relay {self.relay_id}"[:63]
 
@@ -172,9 +173,12 @@ class Relay:
                 tg.start_soon(self._watch)
                 tg.start_soon(self._wait_for_producers)
                 log.info(
-                    "relay %s started: schema %s, stream %s, batch size %d, poll interval %s",
+                    "relay %s started: database %s, schema %s, NATS %s, stream %s, "
+                    "batch size %d, poll interval %s",
                     self.relay_id,
+                    connected_to(self._conn),
                     settings.schema,
+                    ", ".join(redact_url(u) for u in settings.nats_urls),
                     settings.stream,
                     settings.batch_size,
                     format_duration(settings.poll_interval),
@@ -205,6 +209,8 @@ class Relay:
         try:
             status = await ensure_stream(nc.jetstream(), settings)
             log.info("%s", status.describe())
+            # Rows over it (with their headers) are dead-lettered, not sent.
+            log.info("NATS server max_payload: %d bytes", nc.max_payload)
             for warning in status.warnings:
                 log.warning("%s", warning)
             publisher = Publisher(
@@ -408,15 +414,19 @@ class Relay:
 
     async def _reopen_session(self) -> None:
         # On failure the old, closed connection stays: the next batch fails fast and
-        # backs off again.
-        with contextlib.suppress(ServerUnavailableError, psycopg.OperationalError):
+        # backs off again, and says why it could not reconnect.
+        try:
             self._conn = await self._open_session()
+        except (ServerUnavailableError, psycopg.OperationalError) as exc:
+            self._reopen_error = _one_line(exc)
+        else:
+            self._reopen_error = ""
 
     async def _relay_batch(
         self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
     ) -> tuple[int, BatchResult]:
         if conn.closed:
-            raise ServerUnavailableError("connection closed")
+            raise ServerUnavailableError(self._reopen_error or "connection closed")
         settings = self.settings
         scope = UNORDERED
         if settings.ordered:

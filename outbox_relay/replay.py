@@ -77,8 +77,10 @@ async def replay(
             {**selection.params(), "subject_prefix": subject_prefix},
         )
     except psycopg.errors.CheckViolation as exc:
+        # The outbox's constraints (sql/migrations/0007_row_checks.sql): an event type
+        # that makes no valid subject, or one too long for NATS.
         raise ConfigError(
-            "an event type in the selection does not make a valid NATS subject "
-            f"({exc.diag.message_primary}); narrow the selection"
+            "an event in the selection cannot be sent to NATS "
+            f"({exc.diag.message_primary}: {exc.diag.constraint_name}); narrow the selection"
         ) from None
     return cur.rowcount

@@ -9,12 +9,25 @@ from outbox_relay.errors import InvalidSubjectError
 # Mirrors the CHECK constraint on the outbox table (sql/migrations/0001_initial.sql).
 _PART = r"[^\s\x00-\x1f\x7f.*>]+"
 _SUBJECT = re.compile(rf"{_PART}(?:\.{_PART})*")
+# A publish's subject travels in its control line, which nats-server caps at 4096
+# bytes (max_control_line) and answers by closing the connection. The rest of the
+# line (verb, reply inbox, sizes) takes well under 96 bytes.
+MAX_SUBJECT_BYTES = 4000
 
 
 def validate_subject(subject: str) -> str:
     """Return ``subject`` if a JetStream publish may use it, else raise with the reason."""
     if not _SUBJECT.fullmatch(subject):
         raise InvalidSubjectError(f"invalid subject {subject!r}: {_subject_problem(subject)}")
+    try:
+        size = len(subject.encode())
+    except UnicodeEncodeError:
+        raise InvalidSubjectError(f"invalid subject {subject!r}: not valid Unicode") from None
+    if size > MAX_SUBJECT_BYTES:
+        raise InvalidSubjectError(
+            f"invalid subject {subject[:40]!r}...: {size} bytes, "
+            f"over the maximum of {MAX_SUBJECT_BYTES}"
+        )
     return subject
 
 

@@ -109,7 +109,8 @@ SELECT event.event_id,
            {payload_function}(event),
            event.event_id::text,
            %(headers)s,
-           %(max_payload)s,
+           -- The budget left by the relay's headers, less the key's own bytes.
+           %(max_payload)s - coalesce(octet_length({ordering_key}), 0),
            {ordering_key})
 FROM event;
 
@@ -295,6 +296,10 @@ LIMIT %(wanted)s;
 -- name: release_partitions
 SELECT pg_advisory_unlock({partition_lock_class} + p, {lock_object})
 FROM unnest(%(partitions)s::int[]) AS p;
+
+-- name: count_pending_ids
+-- How many of these msg ids still wait in the outbox (the demo's own events).
+SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
 
 -- name: ping
 SELECT true;

@@ -147,7 +147,7 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
         (["run"], {"OUTBOX_NATS_URL": "nats://u:s3cret@127.0.0.1:9"}, 3, "cannot reach NATS"),
         (["run"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
         (["lag"], {"OUTBOX_SCHEMA": "never_migrated"}, 4, "run `outbox-relay migrate`"),
-        (["check"], {"OUTBOX_STREAM": "no_such_stream"}, 1, "stream no_such_stream"),
+        (["check"], {"OUTBOX_STREAM": "no_such_stream"}, 5, "stream no_such_stream missing"),
         (
             ["migrate"],
             {"OUTBOX_SCHEMA": "no_event_table", "OUTBOX_CREATE_EVENT_TABLE": ""},

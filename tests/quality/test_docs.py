@@ -1,9 +1,13 @@
 """The README stays true to the code: every option documented, setup commands as run."""
 
+import ast
 import re
 from pathlib import Path
 
 from outbox_relay.cli import configuration_reference
+from outbox_relay.config import DEFAULT_SUBJECT_PREFIX
+from outbox_relay.headers import validate_headers
+from outbox_relay.subjects import subject_matches, validate_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -35,3 +39,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert demo.endswith("outbox-relay demo")
     assert tests.endswith(".venv/bin/pytest")
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_producer_example_would_be_published() -> None:
+    """The README's enqueue example passes the producer's checks and the default stream
+    binds its subject, so copying it does not end in the dead letters."""
+    example = re.search(r"    enqueue\(\n(.*?)\n    \)", README, re.DOTALL)
+    assert example, "README lost its enqueue example"
+    arguments = dict(re.findall(r'^\s*(subject|msg_id)="([^"]+)"', example[1], re.MULTILINE))
+    headers = ast.literal_eval(re.search(r"headers=(\{.*\})", example[1])[1])  # type: ignore[index]
+    assert subject_matches(f"{DEFAULT_SUBJECT_PREFIX}.>", validate_subject(arguments["subject"]))
+    validate_headers(headers)
+    assert "W3C Trace Context" in README

@@ -76,3 +76,15 @@ def test_classify_blames_the_row_only_for_row_problems(error: Exception, kind: K
     got, reason = classify(error)
     assert got is kind
     assert reason
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        nats.js.errors.APIError(code=429, err_code=10167, description="too many requests"),
+        nats.js.errors.APIError(code=400, err_code=10167, description="too many requests"),
+        nats.js.errors.APIError(code=429, err_code=None, description="slow down"),
+    ],
+)
+def test_overload_and_flow_control_are_outages_not_the_rows_fault(error: Exception) -> None:
+    assert classify(error)[0] is Kind.TRANSIENT

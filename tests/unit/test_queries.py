@@ -41,3 +41,9 @@ def test_schema_names_too_long_for_postgres_are_refused() -> None:
 def test_dollar_signs_are_refused_as_they_would_end_a_function_body(schema: str) -> None:
     with pytest.raises(ConfigError, match=r"must not contain '\$'"):
         Names(schema)
+
+
+@pytest.mark.parametrize("schema", ["a%b", "%(x)s"])
+def test_percent_signs_are_refused_as_queries_would_read_a_placeholder(schema: str) -> None:
+    with pytest.raises(ConfigError, match="must not contain '%'"):
+        Names(schema)
