@@ -17,7 +17,15 @@ from typing import Any
 
 import anyio
 
-from benchmarks import backlog, drain, latency, producer_keys, producer_overhead, scaling
+from benchmarks import (
+    backlog,
+    drain,
+    latency,
+    memory,
+    producer_keys,
+    producer_overhead,
+    scaling,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,6 +42,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
             [1, 10, 1000], 4 // min(scale, 2), 1 if quick else 3
         ),
         "latency": await latency.main([100, 1000, 5000], 10 / scale),
+        "memory": await memory.main(),
         "backlog": await backlog.main(1_000_000 // scale, 300),
         "scaling": await scaling.main(100_000 // scale, [1, 2, 4]),
     }

@@ -191,6 +191,13 @@ RELAY_OPTIONS = [
         help="Rows claimed and published per transaction.",
     ),
     _option(
+        "--batch-max-bytes",
+        envvar="OUTBOX_BATCH_MAX_BYTES",
+        type=click.IntRange(min=1),
+        default=config.DEFAULT_BATCH_MAX_BYTES,
+        help="Payload bytes per batch at most (a larger row still goes, alone); bounds memory.",
+    ),
+    _option(
         "--poll-interval",
         envvar="OUTBOX_POLL_INTERVAL",
         callback=_duration,
@@ -294,6 +301,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
         "max_age",
         "connect_timeout",
         "batch_size",
+        "batch_max_bytes",
         "poll_interval",
         "max_attempts",
         "retry_backoff",

@@ -22,6 +22,9 @@ DEFAULT_ORDERING_KEY = "execution_id"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # NATS's default max_payload; the producer refuses larger payloads before commit.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# Payload bytes a batch holds at most: keeps the relay's peak RSS under 200 MiB with
+# 1 MiB payloads (benchmarks/memory.py).
+DEFAULT_BATCH_MAX_BYTES = 16 * 1024 * 1024
 # A container's probes and scrapes come from outside it.
 DEFAULT_METRICS_HOST = "0.0.0.0"  # noqa: S104
 DEFAULT_METRICS_PORT = 9464
@@ -157,6 +160,7 @@ class Settings:
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
     schema: str = DEFAULT_SCHEMA
     batch_size: int = 500
+    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
     poll_interval: float = 5.0
     max_attempts: int = 10
     retry_backoff: float = 1.0
@@ -201,6 +205,7 @@ class Settings:
         except InvalidSubjectError as exc:
             raise ConfigError(f"subject prefix: {exc}") from None
         _require(1 <= self.batch_size <= 10_000, "batch size must be between 1 and 10000")
+        _require(self.batch_max_bytes >= 1, "batch max bytes must be at least 1")
         _require(self.max_attempts >= 1, "max attempts must be at least 1")
         _require(0 <= self.metrics_port <= 65535, "metrics port must be between 0 and 65535")
         _require(self.ordering_key != "", "ordering key must be a column name, or None")

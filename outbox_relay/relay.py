@@ -437,7 +437,9 @@ class Relay:
                 hold_behind_dead_letters=settings.dead_letter_policy == "hold",
             )
         async with conn.transaction():
-            messages = await self._store.claim(conn, settings.batch_size, scope)
+            messages = await self._store.claim(
+                conn, settings.batch_size, scope, max_bytes=settings.batch_max_bytes
+            )
             # Past this no wave starts: the claim's locks may be gone by then.
             send_until = time.monotonic() + settings.publish_timeout
             if not messages:

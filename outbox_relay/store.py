@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox_relay.config import DEFAULT_BATCH_MAX_BYTES
 from outbox_relay.errors import NotMigratedError
 from outbox_relay.queries import CLAIM_SHIFT, Names, query
 from outbox_relay.schema import latest_version
@@ -151,10 +152,21 @@ class OutboxStore:
         self._retry = retry
 
     async def claim(
-        self, conn: psycopg.AsyncConnection[Any], limit: int, scope: ClaimScope = UNORDERED
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        limit: int,
+        scope: ClaimScope = UNORDERED,
+        *,
+        max_bytes: int = DEFAULT_BATCH_MAX_BYTES,
     ) -> list[OutboxMessage]:
-        """Lock up to ``limit`` due rows, oldest first, skipping rows other relays hold."""
-        params = {"limit": limit, "schema_version": self._schema_version, **scope.params()}
+        """Lock up to ``limit`` due rows, oldest first, skipping rows other relays hold;
+        return those that start within ``max_bytes`` of payload (at least one)."""
+        params = {
+            "limit": limit,
+            "max_bytes": max_bytes,
+            "schema_version": self._schema_version,
+            **scope.params(),
+        }
         # Binary results: bytea arrives as the stored bytes, with no hex decoding.
         async with conn.cursor(binary=True) as cur:
             try:

@@ -34,24 +34,37 @@ SELECT coalesce(max(version), 0) FROM {migrations_table};
 -- key waits for a retry (a failed row: attempts > 0) or, with the hold policy, sits
 -- in the dead letters. Each claim draws one claim number for Outbox-Sequence, and
 -- passes the fence that stops a relay older than the schema.
-SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key,
+--
+-- The batch is bounded by rows and by payload bytes: of the rows locked, the relay
+-- gets those that start below the byte budget (always at least one). The others
+-- stay locked until the batch ends and go out in the next one, still in id order.
+SELECT s.id, s.event_id, s.subject, s.payload, s.headers, s.ordering_key,
        (SELECT nextval({claim_sequence_literal}::regclass)) AS claim
-FROM {outbox_table} AS o
-WHERE {claim_fence_function}(%(schema_version)s)
-  AND o.next_attempt_at <= now()
-  AND (o.ordering_key IS NULL
-       OR NOT %(ordered)s
-       OR ((hashtext(o.ordering_key) & 63) = ANY(%(partitions)s::int[])
-           AND NOT EXISTS (
-               SELECT FROM {outbox_table} AS b
-               WHERE b.ordering_key = o.ordering_key AND b.id < o.id
-                 AND b.attempts > 0 AND b.next_attempt_at > now())
-           AND NOT (%(hold)s AND EXISTS (
-               SELECT FROM {dead_letter_table} AS d
-               WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
-ORDER BY o.id
-LIMIT %(limit)s
-FOR UPDATE OF o SKIP LOCKED;
+FROM (
+    SELECT c.*, sum(octet_length(c.payload)) OVER (ORDER BY c.id ROWS UNBOUNDED PRECEDING)
+                - octet_length(c.payload) AS bytes_before
+    FROM (
+        SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
+        FROM {outbox_table} AS o
+        WHERE {claim_fence_function}(%(schema_version)s)
+          AND o.next_attempt_at <= now()
+          AND (o.ordering_key IS NULL
+               OR NOT %(ordered)s
+               OR ((hashtext(o.ordering_key) & 63) = ANY(%(partitions)s::int[])
+                   AND NOT EXISTS (
+                       SELECT FROM {outbox_table} AS b
+                       WHERE b.ordering_key = o.ordering_key AND b.id < o.id
+                         AND b.attempts > 0 AND b.next_attempt_at > now())
+                   AND NOT (%(hold)s AND EXISTS (
+                       SELECT FROM {dead_letter_table} AS d
+                       WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
+        ORDER BY o.id
+        LIMIT %(limit)s
+        FOR UPDATE OF o SKIP LOCKED
+    ) AS c
+) AS s
+WHERE s.bytes_before < %(max_bytes)s
+ORDER BY s.id;
 
 -- name: delete_published
 DELETE FROM {outbox_table} WHERE id = ANY(%(ids)s::bigint[]);
