@@ -236,7 +236,7 @@ RELAY_OPTIONS = [
         "--ordering/--no-ordering",
         envvar="OUTBOX_ORDERING",
         default=True,
-        help="Publish each ordering key's rows one relay at a time, in commit order.",
+        help="Publish each ordering key's rows one relay at a time, in causal order.",
     ),
     _option(
         "--dead-letter-policy",
