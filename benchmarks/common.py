@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import sys
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 
 import anyio
@@ -76,3 +78,15 @@ async def start_relay(settings: Settings, **env: str) -> Process:
 async def stop_relay(process: Process) -> None:
     process.send_signal(signal.SIGTERM)
     await process.wait()
+
+
+async def interleaved_medians(
+    modes: Sequence[str], rounds: int, measure: Callable[[str], Awaitable[float]]
+) -> dict[str, float]:
+    """Each mode measured once per round, modes interleaved, medians kept: the
+    machine is noisy, and interleaving spreads its noise over every mode alike."""
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            samples[mode].append(await measure(mode))
+    return {mode: statistics.median(values) for mode, values in samples.items()}

@@ -19,14 +19,13 @@ one execution). A relay drains throughout. Modes, interleaved round by round:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
 
-from benchmarks.common import fresh_outbox, servers
+from benchmarks.common import fresh_outbox, interleaved_medians, servers
 from benchmarks.producer_overhead import run_pgbench
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -97,14 +96,14 @@ async def main(keys: list[int], seconds: int, rounds: int) -> dict[str, dict[str
             tg.start_soon(relay.run)
             await relay.wait_started()
             for count in keys:
-                samples: dict[str, list[float]] = {mode: [] for mode in MODES}
-                for _ in range(rounds):
-                    for mode in MODES:
-                        await commit_lock(settings, mode == "commit-lock")
-                        path = script(settings, mode, count, folder)
-                        samples[mode].append(await run_pgbench(settings, CLIENTS, seconds, path))
+
+                async def measure(mode: str, count: int = count) -> float:
+                    await commit_lock(settings, mode == "commit-lock")
+                    path = script(settings, mode, count, folder)
+                    return await run_pgbench(settings, CLIENTS, seconds, path)
+
+                results[str(count)] = await interleaved_medians(MODES, rounds, measure)
                 await commit_lock(settings, False)
-                results[str(count)] = {m: statistics.median(v) for m, v in samples.items()}
             relay.stop()
     print(
         f"producer commits/s, {CLIENTS} clients, event + outbox row per transaction, "

