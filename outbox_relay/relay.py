@@ -267,12 +267,13 @@ class Relay:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
                 await self._keep_session_alive()
-                await self._unpublishable()
-                await self._pause(outage.next_delay())
+                step_down_in = await self._unpublishable(time.monotonic())
+                await self._pause(min(outage.next_delay(), step_down_in))
                 continue
             if self._stepped_down:
                 await self._rejoin_when_publishable(publisher)
             self._wakeup.clear()
+            attempted = time.monotonic()
             try:
                 with anyio.fail_after(batch_deadline):
                     claimed, result = await self._relay_batch(self._conn, publisher)
@@ -291,8 +292,8 @@ class Relay:
                 await self._reopen_session()
                 continue
             if result.transient:
-                await self._unpublishable()
-                delay = outage.next_delay()
+                # The outage began when this batch's publishing did.
+                delay = min(outage.next_delay(), await self._unpublishable(attempted))
                 log.warning(
                     "%d of %d messages not acknowledged (%s); retrying in %.1fs",
                     result.transient,
@@ -344,17 +345,16 @@ class Relay:
         self._idle = _Idle.ANNOUNCED
         return 0  # the last poll before sleeping
 
-    async def _unpublishable(self) -> None:
-        """Publishing failed: past STEP_DOWN_AFTER, give the key partitions back."""
+    async def _unpublishable(self, since: float) -> float:
+        """Publishing has failed since ``since``: past STEP_DOWN_AFTER, give the key
+        partitions back. Returns how soon to look again to step down on time."""
         now = time.monotonic()
         if self._unpublishable_since is None:
-            self._unpublishable_since = now
-        if (
-            self._stepped_down
-            or not self.settings.ordered
-            or now - self._unpublishable_since < STEP_DOWN_AFTER
-        ):
-            return
+            self._unpublishable_since = since
+        if self._stepped_down or not self.settings.ordered:
+            return math.inf
+        if (wait := self._unpublishable_since + STEP_DOWN_AFTER - now) > 0:
+            return wait
         with contextlib.suppress(psycopg.Error, TimeoutError, ServerUnavailableError):
             # On failure the session is gone, and its locks with it.
             with anyio.fail_after(_STATEMENT_TIMEOUT):
@@ -365,6 +365,7 @@ class Relay:
             "cannot publish for %.0fs: gave the key partitions back to the other relays",
             now - self._unpublishable_since,
         )
+        return math.inf
 
     async def _rejoin_when_publishable(self, publisher: Publisher) -> None:
         """Take a share of the partitions again once the stream answers."""

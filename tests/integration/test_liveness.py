@@ -51,7 +51,9 @@ async def test_a_relay_cut_off_from_nats_gives_its_keys_to_the_others(
         emit_over_keys(outbox, 100)  # keys in a's partitions as well as b's
         await wait_until(lambda: drained(outbox), within=30, interval=0.05)
         took = time.monotonic() - cut
-        assert took < STEP_DOWN_AFTER + 5, f"a's keys waited {took:.1f}s"
+        # A batch in flight at the cut fails only at its publish timeout.
+        bound = max(STEP_DOWN_AFTER, outbox.publish_timeout) + 5
+        assert took < bound, f"a's keys waited {took:.1f}s"
         assert owned(a) == 0
         assert owned(b) == KEY_PARTITIONS
 
