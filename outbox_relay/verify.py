@@ -206,6 +206,8 @@ async def verify(
         committed: set[EventKey] = {(row[0], row[1]) for row in await cur.fetchall()}
         await cur.execute(query("verify_pending", names), params)
         waiting_ids = {row[0] for row in await cur.fetchall()}
+    # Relays in unordered mode send no ordering headers.
+    ordering_key = settings.ordering_key if settings.ordered else None
     stored: Counter[EventKey] = Counter()
     keyed: list[tuple[int, str, int]] = []
     unkeyed: list[int] = []
@@ -217,7 +219,7 @@ async def verify(
             key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
             if key is not None and sequence.isdigit():
                 keyed.append((int(msg_id), key, int(sequence)))
-            expected = event_key(message.data, settings.ordering_key)
+            expected = event_key(message.data, ordering_key)
             if expected is not None and (key != expected or not sequence.isdigit()):
                 unkeyed.append(int(msg_id))
     late = [key[1] for key in stored if key not in committed]
