@@ -46,7 +46,7 @@ _REBALANCE_SLEEP = 2.0
 # How soon a relay below its share of partitions looks again.
 _SHORT_RECHECK = 0.1
 # A relay that has not been able to publish for this long gives its key partitions
-# back, so that the other relays deliver its keys (README: Liveness).
+# back, so that the other relays deliver its keys (README: Guarantees).
 STEP_DOWN_AFTER = 2.0
 # How often a relay that stepped down checks whether it can publish again.
 _REJOIN_CHECK = 1.0
@@ -303,8 +303,7 @@ class Relay:
                 )
                 await self._pause(delay)
                 continue
-            if claimed:
-                self._unpublishable_since = None
+            self._unpublishable_since = None  # nothing failed this round
             outage.reset()
             if wait:
                 if self._idle is _Idle.SLEPT:
@@ -526,7 +525,7 @@ class Relay:
                     if squatters and not squatted:
                         for squatter in squatters:
                             log.warning(
-                                "%s: their keys wait (README: Liveness)", squatter.describe()
+                                "%s: their keys wait (README: Guarantees)", squatter.describe()
                             )
                     squatted = bool(squatters)
                     bloat = health.bloat_warning()

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 RESULTS: list[tuple[str, dict[str, Any]]] = []
 # Seconds from the end of each fault until the backlog it left was delivered.
 RECOVERY: dict[str, float] = {}
-# The bound README: Liveness states for that; a test past it fails.
+# The bound the README's fault table states for that; a test past it fails.
 RECOVERY_BOUND = 10.0
 
 
