@@ -165,13 +165,18 @@ def _attributed(stored: Counter[EventKey], committed: set[EventKey]) -> Counter[
     return attributed
 
 
-def _execution_id(payload: bytes) -> int | None:
-    """The execution an event message's payload (the event row as JSON) names."""
+def event_row(payload: bytes) -> dict[str, Any] | None:
+    """An event message's payload as the event row it is (None: not a JSON object)."""
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    execution_id = event.get("execution_id") if isinstance(event, dict) else None
+    return event if isinstance(event, dict) else None
+
+
+def _execution_id(event: dict[str, Any] | None) -> int | None:
+    """The execution an event row names."""
+    execution_id = event.get("execution_id") if event is not None else None
     return execution_id if isinstance(execution_id, int) else None
 
 
@@ -215,11 +220,12 @@ async def verify(
         headers = message.header or {}
         msg_id = headers.get(MSG_ID_HEADER, "")
         if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
-            stored[(_execution_id(message.data), int(msg_id))] += 1
+            event = event_row(message.data)
+            stored[(_execution_id(event), int(msg_id))] += 1
             key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
             if key is not None and sequence.isdigit():
                 keyed.append((int(msg_id), key, int(sequence)))
-            expected = event_key(message.data, ordering_key)
+            expected = event_key(event, ordering_key)
             if expected is not None and (key != expected or not sequence.isdigit()):
                 unkeyed.append(int(msg_id))
     late = [key[1] for key in stored if key not in committed]
@@ -237,16 +243,10 @@ async def verify(
     return report
 
 
-def event_key(payload: bytes, column: str | None) -> str | None:
+def event_key(event: dict[str, Any] | None, column: str | None) -> str | None:
     """The ordering key an event message should carry: its key column, as SQL's
     ``::text`` renders it (None: unkeyed, or not an event row)."""
-    if column is None:
-        return None
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    value = event.get(column) if isinstance(event, dict) else None
+    value = event.get(column) if event is not None and column is not None else None
     if value is None or isinstance(value, bool | dict | list):
         return None
     return str(value)

@@ -2,7 +2,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from outbox_relay.ids import SnowflakeGenerator, split_id
-from outbox_relay.verify import Window, classify_ids, event_key, out_of_order
+from outbox_relay.verify import Window, classify_ids, event_key, event_row, out_of_order
 
 
 def test_every_class_is_found() -> None:
@@ -52,10 +52,13 @@ def test_out_of_order_finds_a_row_stored_after_a_later_row_of_its_key() -> None:
 
 
 def test_event_key_reads_the_key_column_as_sql_text_renders_it() -> None:
-    assert event_key(b'{"execution_id": 42, "event_id": 7}', "execution_id") == "42"
-    assert event_key(b'{"order": "o-1"}', "order") == "o-1"
-    assert event_key(b'{"execution_id": null}', "execution_id") is None
-    assert event_key(b'{"event_id": 7}', "execution_id") is None
-    assert event_key(b"not json", "execution_id") is None
-    assert event_key(b"[1, 2]", "execution_id") is None
-    assert event_key(b'{"execution_id": 42}', None) is None
+    def key(payload: bytes, column: str | None = "execution_id") -> str | None:
+        return event_key(event_row(payload), column)
+
+    assert key(b'{"execution_id": 42, "event_id": 7}') == "42"
+    assert key(b'{"order": "o-1"}', "order") == "o-1"
+    assert key(b'{"execution_id": null}') is None
+    assert key(b'{"event_id": 7}') is None
+    assert key(b"not json") is None
+    assert key(b"[1, 2]") is None
+    assert key(b'{"execution_id": 42}', None) is None
