@@ -270,12 +270,12 @@ class Relay:
                 step_down_in = await self._unpublishable(time.monotonic())
                 await self._pause(min(outage.next_delay(), step_down_in))
                 continue
-            if self._stepped_down:
-                await self._rejoin_when_publishable(publisher)
             self._wakeup.clear()
             attempted = time.monotonic()
             try:
                 with anyio.fail_after(batch_deadline):
+                    if self._stepped_down:
+                        await self._rejoin_when_publishable(publisher)
                     claimed, result = await self._relay_batch(self._conn, publisher)
                     wait = await self._after_batch(claimed)
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
@@ -350,8 +350,10 @@ class Relay:
         now = time.monotonic()
         if self._unpublishable_since is None:
             self._unpublishable_since = since
-        if self._stepped_down or not self.settings.ordered:
+        if not self.settings.ordered:
             return math.inf
+        if self._stepped_down:
+            return _REJOIN_CHECK  # to rejoin soon after publishing works again
         if (wait := self._unpublishable_since + STEP_DOWN_AFTER - now) > 0:
             return wait
         with contextlib.suppress(psycopg.Error, TimeoutError, ServerUnavailableError):
@@ -364,7 +366,7 @@ class Relay:
             "cannot publish for %.0fs: gave the key partitions back to the other relays",
             now - self._unpublishable_since,
         )
-        return math.inf
+        return _REJOIN_CHECK
 
     async def _rejoin_when_publishable(self, publisher: Publisher) -> None:
         """Take a share of the partitions again once the stream answers."""

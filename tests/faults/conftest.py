@@ -21,11 +21,12 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.producer import Producer
-from outbox_relay.schema import migrate
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import RelayProcess
 from tests.conftest import make_settings
 from tests.helpers import drained, fetch_all, wait_until
+from tests.noetl import EVENT_TABLES, event_columns
+from tests.noetl import migrated as migrated_over
 from tests.servers import Servers
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,9 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
         yield server
 
 
-async def migrated(settings: Settings) -> Settings:
-    async with await connect_postgres(settings) as conn:
-        await migrate(conn, settings.names, create_event_table=True)
-    return settings
+async def migrated(settings: Settings, event_table: str = "ours") -> Settings:
+    """Migrated over our own event table, or over NoETL's (tests/noetl_schema.sql)."""
+    return await migrated_over(settings, event_table)
 
 
 @pytest.fixture
@@ -86,6 +86,12 @@ async def on_own_nats(servers: Servers, own_nats: EmbeddedNats) -> Settings:
 @pytest.fixture
 async def on_shared(servers: Servers) -> Settings:
     return await migrated(make_settings(servers, publish_timeout=2.0))
+
+
+@pytest.fixture(params=EVENT_TABLES)
+async def on_shared_each_table(servers: Servers, request: pytest.FixtureRequest) -> Settings:
+    """``on_shared``, once over our event table and once over NoETL's."""
+    return await migrated(make_settings(servers, publish_timeout=2.0), request.param)
 
 
 class Load:
@@ -118,26 +124,35 @@ class Load:
         interval = self.producers / self.rate
         conn: psycopg.AsyncConnection[Any] | None = None
         executions = itertools.cycle(range(worker, self.executions, self.producers))
-        while not self._stop.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(
-                        self.settings.database_url, autocommit=True, connect_timeout=2
+        try:
+            while not self._stop.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.settings.database_url, autocommit=True, connect_timeout=2
+                        )
+                    await producer.emit_event_async(
+                        conn,
+                        event_type="load.tick",
+                        execution_id=next(executions),
+                        node_id="load",
+                        **event_columns(self.settings),
                     )
-                await producer.emit_event_async(
-                    conn, event_type="load.tick", execution_id=next(executions), node_id="load"
-                )
-                self.committed += 1
-            except psycopg.OperationalError:
-                self.failed += 1  # outcome unknown or refused: verify reads the truth
-                if conn is not None:
+                    self.committed += 1
+                except psycopg.OperationalError:
+                    self.failed += 1  # outcome unknown or refused: verify reads the truth
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    await anyio.sleep(0.2)
+                with anyio.move_on_after(interval * random.uniform(0.5, 1.5)):
+                    await self._stop.wait()
+        finally:
+            # Also when a failing test cancels the load: a connection left open would
+            # warn in whichever test runs next.
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
                     await conn.close()
-                conn = None
-                await anyio.sleep(0.2)
-            with anyio.move_on_after(interval * random.uniform(0.5, 1.5)):
-                await self._stop.wait()
-        if conn is not None:
-            await conn.close()
 
 
 async def assert_nothing_lost_or_doubled(

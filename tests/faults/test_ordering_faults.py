@@ -21,6 +21,7 @@ from tests.faults.conftest import (
     frozen_mid_batch,
 )
 from tests.helpers import lag, wait_until
+from tests.noetl import event_columns
 
 POISONED_EXECUTION = 7
 
@@ -42,9 +43,9 @@ async def _dead_lettered(settings: Settings) -> bool:
 
 
 async def test_order_holds_while_relays_die_freeze_and_restart(
-    on_shared: Settings, tmp_path: Path
+    on_shared_each_table: Settings, tmp_path: Path
 ) -> None:
-    settings = on_shared  # publish timeout 2 s: a frozen relay's claim lapses after 9 s
+    settings = on_shared_each_table  # publish timeout 2 s: a frozen relay's claim lapses after 9 s
     env = env_for(
         settings,
         OUTBOX_BATCH_SIZE="100",
@@ -81,7 +82,8 @@ async def test_order_holds_while_relays_die_freeze_and_restart(
                     )
                     await conn.commit()
                 summary = await assert_nothing_lost_or_doubled(
-                    "ordered: kill -9, SIGSTOP past claim, restart, poison row; 3 relays",
+                    "ordered: kill -9, SIGSTOP past claim, restart, poison row; 3 relays"
+                    + (", NoETL's schema" if event_columns(settings) else ""),
                     settings,
                 )
                 for relay in (b, c, a2):
