@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +13,8 @@ import psycopg
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from outbox_relay.atomic import BATCH_ID_HEADER
 from outbox_relay.config import Settings
@@ -22,11 +24,12 @@ from outbox_relay.publish import Publisher
 from outbox_relay.store import OutboxMessage
 from tests.helpers import drained, lag, producer_for, running_relay, stream_messages, wait_until
 
+Rows = Sequence[tuple[str, str | None]]  # (msg id, ordering key)
 # Rows as a producer interleaves them: a hot key, a quieter one, and keyless rows.
 ROWS = [(f"r-{n}", ("hot" if n % 3 else "calm") if n % 5 else None) for n in range(1, 31)]
 
 
-def _enqueue(settings: Settings, rows: list[tuple[str, str | None]], subject: str = "") -> None:
+def _enqueue(settings: Settings, rows: Rows, subject: str = "") -> None:
     producer = producer_for(settings)
     with psycopg.connect(settings.database_url) as conn:  # one commit: one claim sees all
         for msg_id, key in rows:
@@ -43,7 +46,7 @@ def _ids(messages: list[Msg]) -> list[str]:
     return [m.headers["Nats-Msg-Id"] for m in messages if m.headers]
 
 
-def _by_key(msg_ids: list[str], rows: list[tuple[str, str | None]]) -> dict[str | None, list[str]]:
+def _by_key(msg_ids: list[str], rows: Rows) -> dict[str | None, list[str]]:
     """``msg_ids`` grouped by the key of their row, each group in the given order."""
     key_of = dict(rows)
     grouped: dict[str | None, list[str]] = {}
@@ -78,6 +81,22 @@ async def test_a_claim_is_stored_as_one_atomic_batch_in_order(outbox: Settings, 
     assert _sequences_increase_per_key(stored)
     # The relay created the stream, on a server that takes batches: it allows them.
     assert (await nc.jetstream().stream_info(outbox.stream)).config.allow_atomic
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_claim_over_the_server_limit_is_split_into_full_batches(
+    outbox: Settings, nc: NATS, ordered: bool
+) -> None:
+    settings = replace(outbox, batch_size=2500, ordered=ordered)
+    rows = [(f"big-{n}", str(n % 7)) for n in range(2500)]
+    _enqueue(settings, rows)
+    async with running_relay(settings):
+        await wait_until(lambda: drained(settings))
+    stored = await stream_messages(nc, settings)
+    assert _by_key(_ids(stored), rows) == _by_key([m for m, _ in rows], rows)
+    # 1,000 messages a batch, the server's limit: none went one by one.
+    assert None not in _batch_ids(stored)
+    assert len(_batch_ids(stored)) == 3
 
 
 async def test_a_batch_refused_for_a_stored_msg_id_goes_one_by_one(
@@ -130,6 +149,34 @@ async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     assert _by_key(_ids(stored), sent) == _by_key([m for m, _ in sent], sent)
     assert _batch_ids(stored) == {None}
     assert (await lag(settings)).pending == 1
+
+
+async def test_a_row_that_cannot_be_sent_holds_back_its_key_in_the_batch(
+    outbox: Settings, nc: NATS
+) -> None:
+    settings = replace(outbox, max_attempts=1)
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        # Written before the constraints existed: the relay cannot send its header.
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT event_outbox_headers_valid").format(
+                sql.Identifier(settings.schema, "event_outbox")
+            )
+        )
+        _enqueue(settings, [("k-1", "k"), ("j-1", "j")])
+        conn.execute(
+            sql.SQL("SELECT {}.event_outbox_enqueue(%s, %s, %s, %s, NULL, %s)").format(
+                sql.Identifier(settings.schema)
+            ),
+            (f"{settings.subject_prefix}.ok", b"{}", "k-bad", Jsonb({"x-retry": 1}), "k"),
+        )
+        _enqueue(settings, [("k-2", "k"), ("j-2", "j"), ("free", None)])
+    async with running_relay(settings):
+        await wait_until(lambda: _dead_letters_are(settings, 1))
+        await wait_until(lambda: _held_is(settings, 1))
+    stored = await stream_messages(nc, settings)
+    assert _ids(stored) == ["k-1", "j-1", "j-2", "free"]  # k-2 waits behind k-bad
+    assert len(_batch_ids(stored) - {None}) == 1
+    assert None not in _batch_ids(stored)
 
 
 async def _dead_letters_are(settings: Settings, count: int) -> bool:
