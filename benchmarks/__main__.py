@@ -17,7 +17,15 @@ from typing import Any
 
 import anyio
 
-from benchmarks import backlog, drain, latency, producer_keys, producer_overhead, scaling
+from benchmarks import (
+    backlog,
+    drain,
+    latency,
+    ordered,
+    producer_keys,
+    producer_overhead,
+    scaling,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -27,6 +35,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
     return {
         "drain": await drain.main(100_000 // scale, 300, 3),
         "drain_4k": await drain.main(100_000 // scale, 4096, 3),
+        "ordered": await ordered.main(100_000 // scale, [1, 97, 1000], 1 if quick else 3),
         "producer_overhead": await producer_overhead.main(
             [1, 8, 32, 64], 4 // min(scale, 2), 1 if quick else 3
         ),
