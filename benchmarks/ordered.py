@@ -2,7 +2,9 @@
 
 The same 300 B rows, spread round robin over 1 (a single hot key), 97 and 1,000
 keys, drained by ``outbox-relay run`` as its own process, ordered and unordered,
-alternating round by round; the relay's CPU time per 100,000 rows beside each::
+alternating round by round, and the hot key once more on an existing stream without
+atomic publish (one PubAck per message); the relay's CPU time per 100,000 rows beside
+each::
 
     .venv/bin/python -m benchmarks.ordered --rows 100000 --keys 1 97 1000 --rounds 3
 """
@@ -23,27 +25,31 @@ from benchmarks.drain import preload
 
 async def main(rows: int, keys: list[int], rounds: int) -> dict[str, Any]:
     # "unordered" ignores keys, so one key count stands for all.
-    cells = [("unordered", keys[-1]), *(("ordered", k) for k in keys)]
+    cells = [("unordered", keys[-1], True), *(("ordered", k, True) for k in keys)]
+    cells.append(("ordered", keys[0], False))
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         for _ in range(rounds):
-            for mode, count in cells:
+            for mode, count, atomic in cells:
                 name = mode if mode == "unordered" else f"ordered, {count} keys"
+                name += "" if atomic else ", 1 PubAck/msg"
                 settings = await fresh_outbox(database_url, nats_url)
                 fill = functools.partial(preload, settings, rows, 300, keys=count, analyze=False)
                 ordering = "true" if mode == "ordered" else "false"
-                drained = await process_drain(settings, rows, fill, OUTBOX_ORDERING=ordering)
+                drained = await process_drain(
+                    settings, rows, fill, atomic=atomic, OUTBOX_ORDERING=ordering
+                )
                 rates.setdefault(name, []).append(drained.rows_per_s)
                 cpu.setdefault(name, []).append(drained.cpu_per_100k(rows))
     medians = {name: statistics.median(values) for name, values in rates.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     base = medians["unordered"]
     print(f"drain of {rows:,} rows of 300 B, `outbox-relay run`, medians of {rounds} rounds")
-    print(f"  {'':20} {'rows/s':>10} {'÷ unordered':>12} {'CPU s/100k':>11}")
+    print(f"  {'':34} {'rows/s':>10} {'÷ unordered':>12} {'CPU s/100k':>11}")
     for name, rate in medians.items():
-        print(f"  {name:20} {rate:10,.0f} {rate / base:12.2f} {cpu_medians[name]:11.2f}")
+        print(f"  {name:34} {rate:10,.0f} {rate / base:12.2f} {cpu_medians[name]:11.2f}")
     return {
         "rows": rows,
         "rows_per_s": medians,
