@@ -22,6 +22,7 @@ from benchmarks import (
     drain,
     latency,
     memory,
+    ordered,
     producer_keys,
     producer_overhead,
     scaling,
@@ -35,6 +36,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
     return {
         "drain": await drain.main(100_000 // scale, 300, 3),
         "drain_4k": await drain.main(100_000 // scale, 4096, 3),
+        "ordered": await ordered.main(100_000 // scale, [1, 97, 1000], 1 if quick else 3),
         "producer_overhead": await producer_overhead.main(
             [1, 8, 32, 64], 4 // min(scale, 2), 1 if quick else 3
         ),

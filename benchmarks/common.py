@@ -6,17 +6,24 @@ import os
 import signal
 import statistics
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import anyio
+import nats
+import psutil
 from anyio.abc import Process
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
+from outbox_relay.jetstream import ensure_stream
 from outbox_relay.schema import migrate
 
 
@@ -90,3 +97,68 @@ async def interleaved_medians(
         for mode in modes:
             samples[mode].append(await measure(mode))
     return {mode: statistics.median(values) for mode, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class ProcessDrain:
+    rows_per_s: float
+    cpu_seconds: float  # the relay process's, user and system, during the drain
+
+    def cpu_per_100k(self, rows: int) -> float:
+        return self.cpu_seconds * 100_000 / rows
+
+
+async def process_drain(
+    settings: Settings,
+    rows: int,
+    fill: Callable[[], Awaitable[None]],
+    *,
+    atomic: bool = True,
+    **env: str,
+) -> ProcessDrain:
+    """``outbox-relay run`` as the user runs it, timed from the commit of ``fill``
+    (which writes ``rows`` rows) until the stream holds every one.
+
+    The relay is started and idle first, so its start-up is not in the figure.
+    ``atomic=False`` makes the stream first, without atomic publish, as an operator's
+    existing stream: the relay then publishes one message at a time.
+    """
+    nc = await nats.connect(settings.nats_urls[0])
+    try:
+        js = nc.jetstream()
+        if not atomic:
+            await ensure_stream(js, settings)
+        relay = await start_relay(settings, **env)
+        try:
+            while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls
+                await anyio.sleep(0.05)
+            await anyio.sleep(0.5)  # past start-up, asleep on an empty outbox
+            process = psutil.Process(relay.pid)
+            cpu_before = _cpu(process)
+            await fill()
+            started = time.perf_counter()
+            while (await js.stream_info(settings.stream)).state.messages < rows:  # noqa: ASYNC110 - polls
+                await anyio.sleep(0.01)
+            elapsed = time.perf_counter() - started
+            cpu = _cpu(process) - cpu_before
+            held = (await js.stream_info(settings.stream)).state.messages
+            assert held == rows, f"stream holds {held} messages for {rows} rows"
+        finally:
+            await stop_relay(relay)
+        await js.delete_stream(settings.stream)
+    finally:
+        await nc.close()
+    return ProcessDrain(rows / elapsed, cpu)
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def _has_stream(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    return True

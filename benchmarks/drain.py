@@ -1,7 +1,8 @@
 """Drain throughput: our relay against the bare nats-py publish ceiling and peer relays.
 
-All run side by side in one process on the same servers, alternating round by round,
-and the ratios are what to read (these machines are shared and noisy)::
+All run side by side on the same servers, alternating round by round, and the ratios
+are what to read (these machines are shared and noisy). ``outbox-relay run`` runs as
+its own process, as users run it (with its CPU time); the rest in this process::
 
     .venv/bin/python -m benchmarks.drain --rows 100000 --payload 300 --rounds 3
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 import uuid
@@ -26,15 +28,18 @@ from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
 from benchmarks import peers
-from benchmarks.common import fresh_outbox, servers
+from benchmarks.common import fresh_outbox, process_drain, servers
 from benchmarks.peers import PeerDrain, timed_drain
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.relay import Relay
 
 
-async def preload(settings: Settings, rows: int, payload: int, *, keys: int = 0) -> None:
-    """``rows`` outbox rows; with ``keys``, spread round robin over that many ordering keys."""
+async def preload(
+    settings: Settings, rows: int, payload: int, *, keys: int = 0, analyze: bool = True
+) -> None:
+    """``rows`` outbox rows, in one commit; with ``keys``, spread round robin over that
+    many ordering keys."""
     async with await connect_postgres(settings, autocommit=True) as conn:
         await conn.execute(
             sql.SQL(
@@ -45,6 +50,8 @@ async def preload(settings: Settings, rows: int, payload: int, *, keys: int = 0)
             ).format(sql.Identifier(settings.schema)),
             (f"{settings.subject_prefix}.bench", payload, keys, max(keys, 1), rows),
         )
+        if not analyze:
+            return
         await conn.execute(
             sql.SQL("VACUUM ANALYZE {}.event_outbox").format(sql.Identifier(settings.schema))
         )
@@ -90,40 +97,47 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
     return rows / elapsed
 
 
-async def main(rows: int, payload: int, rounds: int) -> dict[str, Any]:
+# ``outbox-relay run`` as its own process: on a stream it creates (atomic batches where
+# the server takes them), and on an existing stream without atomic publish.
+PROCESSES = {"outbox-relay run": True, "outbox-relay run, 1 PubAck/msg": False}
+
+
+async def main(rows: int, payload: int, rounds: int, *, with_peers: bool = True) -> dict[str, Any]:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         drains: dict[str, PeerDrain] = {
             "outbox-relay": relay_drain,
             "outbox-relay ordered": ordered_relay_drain,
-            **peers.installed(),
+            **(peers.installed() if with_peers else {}),
         }
-        rates: dict[str, list[float]] = {name: [] for name in ["nats-py ceiling", *drains]}
+        names = ["nats-py ceiling", *PROCESSES, *drains]
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in PROCESSES}
         for _ in range(rounds):
             rates["nats-py ceiling"].append(await nats_ceiling(nats_url, rows, payload))
+            for name, atomic in PROCESSES.items():
+                settings = await fresh_outbox(database_url, nats_url)
+                fill = functools.partial(preload, settings, rows, payload, analyze=False)
+                drained = await process_drain(settings, rows, fill, atomic=atomic)
+                rates[name].append(drained.rows_per_s)
+                cpu[name].append(drained.cpu_per_100k(rows))
             for name, drain in drains.items():
                 settings = await fresh_outbox(database_url, nats_url)
                 rates[name].append(await drain(database_url, nats_url, settings, rows, payload))
         medians = {name: statistics.median(values) for name, values in rates.items()}
-    ours, ceiling = medians["outbox-relay"], medians["nats-py ceiling"]
-    peer_rates = {name: rate for name, rate in medians.items() if name in peers.PEERS}
-    # The bar the issue sets: the best peer, tuned; and what 3x of it would need.
-    best_peer = max(peer_rates, key=peer_rates.__getitem__, default=None)
+        cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    ceiling = medians["nats-py ceiling"]
     print(f"rows {rows}, payload {payload} B, rounds {rounds} (medians, rows/s)")
+    print(f"  {'':32} {'rows/s':>10} {'÷ ceiling':>10} {'CPU s/100k':>11}")
     for name, rate in medians.items():
-        print(f"  {name:20} {rate:10,.0f}   outbox-relay / this {ours / rate:6.2f}")
-    if best_peer:
-        print(
-            f"  3x the best peer ({best_peer}) is {3 * peer_rates[best_peer]:,.0f} rows/s; "
-            f"the bare publish ceiling is {ceiling:,.0f}"
-        )
+        used = f"{cpu_medians[name]:11.2f}" if name in cpu_medians else ""
+        print(f"  {name:32} {rate:10,.0f} {rate / ceiling:10.2f} {used}")
     return {
         "rows": rows,
         "payload_bytes": payload,
         "rows_per_s": medians,
-        "relay_over_ceiling": ours / ceiling,
-        "best_peer": best_peer,
-        "relay_over_best_peer": ours / peer_rates[best_peer] if best_peer else None,
+        "over_ceiling": {name: rate / ceiling for name, rate in medians.items()},
+        "relay_cpu_s_per_100k": cpu_medians,
     }
 
 
@@ -132,5 +146,8 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--payload", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true", help="Ours and the ceiling only.")
     args = parser.parse_args()
-    anyio.run(main, args.rows, args.payload, args.rounds)
+    anyio.run(
+        functools.partial(main, with_peers=not args.no_peers), args.rows, args.payload, args.rounds
+    )

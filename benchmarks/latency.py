@@ -1,10 +1,10 @@
-"""End-to-end latency: from a producer's commit to the message on NATS.
+"""End-to-end latency: from a producer's commit to the message stored in the stream.
 
-Producers commit events at a fixed rate; a plain NATS subscriber on the subjects
-notes when each arrives (the relay publishes before it waits for the PubAck, so
-this is commit → publish, a hair under commit → PubAck). The relay runs as its own
-process, as in production. Two wake-ups, side by side: NOTIFY (ours) and poll-only
-(no notification, a 100 ms poll)::
+Producers commit events at a fixed rate; an ordered JetStream consumer notes when
+each arrives: it delivers only what the stream stored (an atomic batch once its
+commit is stored), so this is commit → stored, plus the consumer's delivery. The
+relay runs as its own process, as in production. Two wake-ups, side by side: NOTIFY
+(ours) and poll-only (no notification, a 100 ms poll)::
 
     .venv/bin/python -m benchmarks.latency --rates 100 1000 --seconds 10
 """
@@ -37,9 +37,11 @@ async def measure(settings: Settings, rate: int, seconds: float, poll: str) -> d
     async def on_message(msg: Msg) -> None:
         arrived[(msg.headers or {})["Nats-Msg-Id"]] = time.perf_counter()
 
-    await nc.subscribe(settings.subject_wildcard, cb=on_message)
     relay = await start_relay(settings, OUTBOX_POLL_INTERVAL=poll)
-    await anyio.sleep(2)  # started and idle
+    await anyio.sleep(2)  # started (the stream created) and idle
+    await nc.jetstream().subscribe(
+        settings.subject_wildcard, stream=settings.stream, ordered_consumer=True, cb=on_message
+    )
     producer = Producer(schema=settings.schema, subject_prefix=settings.subject_prefix)
     interval = PRODUCERS / rate
     deadline = time.perf_counter() + seconds
@@ -91,7 +93,7 @@ async def set_notify(settings: Settings, enabled: bool, ours: str) -> None:
 async def main(rates: list[int], seconds: float) -> list[dict[str, float | str]]:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
-        print(f"commit → publish latency, {seconds:g}s per cell, {PRODUCERS} producers")
+        print(f"commit → stored latency, {seconds:g}s per cell, {PRODUCERS} producers")
         print(f"{'mode':<22}{'rate':>7}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
         rows: list[dict[str, float | str]] = []
         for rate in rates:

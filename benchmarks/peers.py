@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from psycopg import sql
 
 from outbox_relay.config import Settings
-from outbox_relay.jetstream import ensure_stream
+from outbox_relay.jetstream import atomic_publish_supported, ensure_stream
 
 PeerDrain = Callable[[str, str, Settings, int, int], Awaitable[float]]
 
@@ -82,7 +82,8 @@ async def timed_drain(
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        await ensure_stream(js, settings)
+        # As the relay creates it; to the peers, allowing batches changes nothing.
+        await ensure_stream(js, settings, atomic=atomic_publish_supported(nc))
         async with anyio.create_task_group() as tg:
             started = anyio.current_time()
             tg.start_soon(relay, js)

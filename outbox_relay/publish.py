@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from outbox_relay import atomic
 from outbox_relay.errors import OutboxError
 from outbox_relay.failpoints import AFTER_PUBLISH, armed, failpoint
 from outbox_relay.headers import (
@@ -34,6 +37,8 @@ from outbox_relay.headers import (
 )
 from outbox_relay.store import Failure, OutboxMessage
 from outbox_relay.subjects import validate_subject
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXPECTED_STREAM_HEADER",
@@ -137,6 +142,7 @@ class Ack:
     stream: str
     seq: int
     duplicate: bool
+    count: int = 0  # messages the PubAck commits: an atomic batch's size, else 0
 
 
 def parse_ack(data: bytes, status: str | None) -> Ack | Exception:
@@ -152,7 +158,12 @@ def parse_ack(data: bytes, status: str | None) -> Ack | Exception:
                 err_code=error.get("err_code"),
                 description=error.get("description"),
             )
-        return Ack(reply["stream"], int(reply["seq"]), bool(reply.get("duplicate", False)))
+        return Ack(
+            reply["stream"],
+            int(reply["seq"]),
+            bool(reply.get("duplicate", False)),
+            int(reply.get("count", 0)),
+        )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         return nats.js.errors.APIError(description=f"unreadable PubAck: {exc}")
 
@@ -201,16 +212,31 @@ class AckInbox:
 
 
 _InFlight = tuple[OutboxMessage, str, asyncio.Future[Ack]]
+_Prepared = tuple[OutboxMessage, dict[str, str]]
+# An atomic batch awaiting its PubAck: its rows, the commit's reply subject, the future.
+_BatchInFlight = tuple[list[OutboxMessage], str, asyncio.Future[Ack]]
 
 
 class Publisher:
-    """Publishes batches to one stream over one NATS connection."""
+    """Publishes batches to one stream over one NATS connection.
+
+    ``atomic``: the server and the stream take atomic batches (:mod:`outbox_relay.atomic`),
+    the fast path; otherwise, and for a batch refused whole, one PubAck per message.
+    """
 
     def __init__(
-        self, nc: NATS, js: JetStreamContext, stream: str, timeout: float, *, ordered: bool
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        stream: str,
+        timeout: float,
+        *,
+        ordered: bool,
+        atomic: bool = False,
     ) -> None:
         self._nc = nc
         self._ordered = ordered
+        self._atomic = atomic
         self._js = js
         self._stream = stream
         self._timeout = timeout
@@ -218,6 +244,10 @@ class Publisher:
 
     async def start(self) -> None:
         await self._acks.start()
+
+    @property
+    def atomic(self) -> bool:
+        return self._atomic
 
     @property
     def connected(self) -> bool:
@@ -245,15 +275,171 @@ class Publisher:
         *,
         send_until: float | None = None,
     ) -> BatchResult:
-        """Publish a batch: sent without waiting, PubAcks collected together.
+        """Publish a claimed batch: as atomic batches where the stream takes them, and
+        one message at a time for the rest (a batch refused whole, or no atomic publish).
+
+        ``send_until`` (monotonic time) fences a relay whose claim may have lapsed:
+        nothing starts after it, and the rows not sent stay in the outbox.
+        """
+        result = BatchResult()
+        rest = messages
+        if self._atomic:
+            rest = await self._publish_atomic(messages, result, send_until)
+        if rest and not result.transient:
+            await self._publish_one_by_one(rest, result, send_until)
+        return result
+
+    async def _publish_atomic(
+        self, messages: Sequence[OutboxMessage], result: BatchResult, send_until: float | None
+    ) -> Sequence[OutboxMessage]:
+        """Send ``messages`` as atomic batches; return the rows to send one by one.
+
+        Each batch is stored whole and in order, so every key's rows keep their order
+        within it. A batch refused whole (a msg id already stored after a crash, one bad
+        row) goes one by one, which isolates the bad row. Ordered, batches go one after
+        the other and the first refused sends the rest one by one too, so no key's later
+        rows are stored before its earlier ones.
+        """
+        prepared = self._prepare_all(messages, result)
+        max_payload = self._nc.max_payload
+        if any(
+            wire_size(headers, len(message.payload)) + atomic.BATCH_HEADER_BYTES > max_payload
+            for message, headers in prepared
+        ):
+            # Fits alone but not with the batch headers: rare enough to send all singly.
+            return [message for message, _ in prepared]
+        batches = atomic.split(prepared)
+        if not self._ordered:
+            return await self._commit_batches(batches, result, send_until)
+        for index, batch in enumerate(batches):
+            refused = await self._commit_batches([batch], result, send_until)
+            if result.transient:
+                return []
+            if refused:
+                return [*refused, *(m for later in batches[index + 1 :] for m, _ in later)]
+        return []
+
+    def _prepare_all(
+        self, messages: Sequence[OutboxMessage], result: BatchResult
+    ) -> list[_Prepared]:
+        """The rows that can be sent, with their headers; ordered, a row that cannot
+        holds back the later rows of its key (left in the outbox, as a wave would)."""
+        prepared: list[_Prepared] = []
+        held: set[str] = set()
+        for message in messages:
+            key = message.ordering_key if self._ordered else None
+            if key is not None and key in held:
+                continue
+            headers = self._prepare(message, result)
+            if headers is not None:
+                prepared.append((message, headers))
+            elif key is not None:
+                held.add(key)
+        return prepared
+
+    async def _commit_batches(
+        self,
+        batches: Sequence[Sequence[_Prepared]],
+        result: BatchResult,
+        send_until: float | None,
+    ) -> list[OutboxMessage]:
+        """Send ``batches``, wait for their PubAcks; return the rows of those refused."""
+        in_flight: list[_BatchInFlight] = []
+        refused: list[OutboxMessage] = []
+        for batch in batches:
+            if send_until is not None and time.monotonic() > send_until:
+                break
+            sent = await self._send_batch(batch, result)
+            if isinstance(sent, list):
+                refused.extend(sent)
+            elif sent is not None:
+                in_flight.append(sent)
+        await self._after_send()
+        await self._wait([future for _, _, future in in_flight])
+        for rows, reply, future in in_flight:
+            if not future.done():
+                self._acks.forget(reply)
+                for _ in rows:
+                    result.add_transient("no PubAck before the publish timeout")
+                continue
+            error = future.exception()
+            if error is None and future.result().count == len(rows):
+                result.published.extend(m.id for m in rows)
+                continue
+            if error is None:
+                # A server that ignores batch headers stored them as plain messages,
+                # unacknowledged: send them again one by one (their msg ids dedup).
+                self._stop_atomic("the server acknowledged a batch as a single message")
+            elif classify(error)[0] is Kind.TRANSIENT:
+                for _ in rows:
+                    result.add_transient(classify(error)[1])
+                continue
+            elif (
+                isinstance(error, nats.js.errors.APIError)
+                and error.err_code in atomic.BATCHING_REFUSED
+            ):
+                self._stop_atomic(classify(error)[1])
+            refused.extend(rows)
+        return refused
+
+    async def _send_batch(
+        self, batch: Sequence[_Prepared], result: BatchResult
+    ) -> _BatchInFlight | list[OutboxMessage] | None:
+        """Publish one atomic batch; its rows if sending failed for a row's reason, None
+        (rows left as they are) for an outage. The server drops a batch left unfinished."""
+        batch_id = uuid.uuid4().hex
+        rows = [message for message, _ in batch]
+        reply, future = self._acks.expect()
+        for number, (message, headers) in enumerate(batch, start=1):
+            commit = number == len(batch)
+            try:
+                await self._nc.publish(
+                    message.subject,
+                    message.payload,
+                    reply=reply if commit else "",
+                    headers=atomic.batch_headers(headers, batch_id, number, commit=commit),
+                )
+            except Exception as exc:  # noqa: BLE001 - every failure is classified
+                self._acks.forget(reply)
+                kind, reason = classify(exc)
+                if kind is not Kind.TRANSIENT:
+                    return rows
+                for _ in rows:
+                    result.add_transient(reason)
+                return None
+        return rows, reply, future
+
+    def _stop_atomic(self, reason: str) -> None:
+        if self._atomic:
+            self._atomic = False
+            log.warning(
+                "atomic batch publish off for stream %s (%s): one PubAck per message from now",
+                self._stream,
+                reason,
+            )
+
+    async def _after_send(self) -> None:
+        if armed(AFTER_PUBLISH):
+            await self._nc.flush()  # on the wire, so the crash lands after the send
+            failpoint(AFTER_PUBLISH)
+
+    async def _wait(self, futures: list[asyncio.Future[Ack]]) -> None:
+        if futures:
+            with anyio.move_on_after(self._timeout):
+                await asyncio.wait(futures)
+
+    async def _publish_one_by_one(
+        self,
+        messages: Sequence[OutboxMessage],
+        result: BatchResult,
+        send_until: float | None,
+    ) -> None:
+        """One PubAck per message, pipelined.
 
         Ordered: a key's rows go out one per wave, each only after the one before
         it was acknowledged, so a failed row holds back the rest of its key (keyless
-        rows and different keys still share each wave). ``send_until`` (monotonic
-        time) fences a relay whose claim may have lapsed: no wave starts after it,
-        and the rows not sent stay in the outbox for the next claim.
+        rows and different keys still share each wave).
         """
-        result = BatchResult()
         if self._ordered:
             wave, later = waves(messages)
         else:
@@ -269,41 +455,43 @@ class Publisher:
                 for m in wave
                 if m.ordering_key is not None and m.id in published and later.get(m.ordering_key)
             ]
-        return result
 
     async def _publish_wave(self, wave: Sequence[OutboxMessage], result: BatchResult) -> set[int]:
         """Send ``wave``, wait for its PubAcks; return the ids now in the stream."""
         already = len(result.published)
         in_flight = await self._send(wave, result)
-        if armed(AFTER_PUBLISH):
-            await self._nc.flush()  # on the wire, so the crash lands after the send
-            failpoint(AFTER_PUBLISH)
-        if in_flight:
-            with anyio.move_on_after(self._timeout):
-                await asyncio.wait([future for _, _, future in in_flight])
+        await self._after_send()
+        await self._wait([future for _, _, future in in_flight])
         await self._collect(in_flight, result)
         return set(result.published[already:])
+
+    def _prepare(self, message: OutboxMessage, result: BatchResult) -> dict[str, str] | None:
+        """The headers to send ``message`` with, or None with the row's failure recorded."""
+        try:
+            headers = message_headers(message, self._stream, ordered=self._ordered)
+        except OutboxError as exc:
+            result.failures.append(Failure(message.id, f"unpublishable row: {exc}"))
+            return None
+        size = wire_size(headers, len(message.payload))
+        max_payload = self._nc.max_payload
+        if size > max_payload:
+            result.failures.append(
+                Failure(
+                    message.id,
+                    f"message of {size} bytes (payload and headers) exceeds the "
+                    f"server's max_payload of {max_payload} bytes",
+                )
+            )
+            return None
+        return headers
 
     async def _send(
         self, messages: Sequence[OutboxMessage], result: BatchResult
     ) -> list[_InFlight]:
         in_flight: list[_InFlight] = []
-        max_payload = self._nc.max_payload
         for message in messages:
-            try:
-                headers = message_headers(message, self._stream, ordered=self._ordered)
-            except OutboxError as exc:
-                result.failures.append(Failure(message.id, f"unpublishable row: {exc}"))
-                continue
-            size = wire_size(headers, len(message.payload))
-            if size > max_payload:
-                result.failures.append(
-                    Failure(
-                        message.id,
-                        f"message of {size} bytes (payload and headers) exceeds the "
-                        f"server's max_payload of {max_payload} bytes",
-                    )
-                )
+            headers = self._prepare(message, result)
+            if headers is None:
                 continue
             reply, future = self._acks.expect()
             try:

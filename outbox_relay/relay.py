@@ -26,7 +26,12 @@ from outbox_relay.config import Settings, format_duration, redact_url
 from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
-from outbox_relay.jetstream import connect_nats, ensure_stream
+from outbox_relay.jetstream import (
+    atomic_publish_note,
+    atomic_publish_supported,
+    connect_nats,
+    ensure_stream,
+)
 from outbox_relay.logs import relay_id_context
 from outbox_relay.metrics import RelayMetrics, RelayState
 from outbox_relay.partitions import PartitionOwner
@@ -207,8 +212,10 @@ class Relay:
         settings = self.settings
         nc = await connect_nats(settings, name=f"outbox-relay {self.relay_id}")
         try:
-            status = await ensure_stream(nc.jetstream(), settings)
+            supported = atomic_publish_supported(nc)
+            status = await ensure_stream(nc.jetstream(), settings, atomic=supported)
             log.info("%s", status.describe())
+            log.info("%s", atomic_publish_note(status.config, nc))
             # Rows over it (with their headers) are dead-lettered, not sent.
             log.info("NATS server max_payload: %d bytes", nc.max_payload)
             for warning in status.warnings:
@@ -219,6 +226,7 @@ class Relay:
                 settings.stream,
                 settings.publish_timeout,
                 ordered=settings.ordered,
+                atomic=supported and status.allows_atomic,
             )
             await publisher.start()
         except BaseException:

@@ -111,6 +111,25 @@ async def test_check_prints_max_payload_and_warns_when_producers_may_exceed_it(
     assert "warning" not in (await outbox_relay("check", env=env_for(outbox))).stderr
 
 
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_check_says_whether_the_stream_takes_atomic_batches(
+    outbox: Settings, nc: NATS, allowed: bool
+) -> None:
+    # An existing stream is the operator's: check tells what allowing batches gains.
+    await nc.jetstream().add_stream(
+        StreamConfig(
+            name=outbox.stream, subjects=[outbox.subject_wildcard], allow_atomic=allowed or None
+        )
+    )
+    result = await outbox_relay("check", env=env_for(outbox))
+    assert result.returncode == 0, result.stderr
+    if allowed:
+        assert f"stream {outbox.stream} allows atomic batch publish" in result.stdout
+    else:
+        assert f"stream {outbox.stream} does not allow atomic batch publish" in result.stdout
+        assert "Set allow_atomic: true on it" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

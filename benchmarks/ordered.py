@@ -1,0 +1,67 @@
+"""Ordered against unordered drain, by how many ordering keys the rows use.
+
+The same 300 B rows, spread round robin over 1 (a single hot key), 97 and 1,000
+keys, drained by ``outbox-relay run`` as its own process, ordered and unordered,
+alternating round by round, and the hot key once more on an existing stream without
+atomic publish (one PubAck per message); the relay's CPU time per 100,000 rows beside
+each::
+
+    .venv/bin/python -m benchmarks.ordered --rows 100000 --keys 1 97 1000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+
+from benchmarks.common import fresh_outbox, process_drain, servers
+from benchmarks.drain import preload
+
+
+async def main(rows: int, keys: list[int], rounds: int) -> dict[str, Any]:
+    # "unordered" ignores keys, so one key count stands for all.
+    cells = [("unordered", keys[-1], True), *(("ordered", k, True) for k in keys)]
+    cells.append(("ordered", keys[0], False))
+    rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    with ExitStack() as stack:
+        database_url, nats_url = servers(stack)
+        for _ in range(rounds):
+            for mode, count, atomic in cells:
+                name = mode if mode == "unordered" else f"ordered, {count} keys"
+                name += "" if atomic else ", 1 PubAck/msg"
+                settings = await fresh_outbox(database_url, nats_url)
+                fill = functools.partial(preload, settings, rows, 300, keys=count, analyze=False)
+                ordering = "true" if mode == "ordered" else "false"
+                drained = await process_drain(
+                    settings, rows, fill, atomic=atomic, OUTBOX_ORDERING=ordering
+                )
+                rates.setdefault(name, []).append(drained.rows_per_s)
+                cpu.setdefault(name, []).append(drained.cpu_per_100k(rows))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    base = medians["unordered"]
+    print(f"drain of {rows:,} rows of 300 B, `outbox-relay run`, medians of {rounds} rounds")
+    print(f"  {'':34} {'rows/s':>10} {'÷ unordered':>12} {'CPU s/100k':>11}")
+    for name, rate in medians.items():
+        print(f"  {name:34} {rate:10,.0f} {rate / base:12.2f} {cpu_medians[name]:11.2f}")
+    return {
+        "rows": rows,
+        "rows_per_s": medians,
+        "over_unordered": {name: rate / base for name, rate in medians.items()},
+        "relay_cpu_s_per_100k": cpu_medians,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--keys", type=int, nargs="+", default=[1, 97, 1000])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    anyio.run(main, args.rows, args.keys, args.rounds)
