@@ -194,7 +194,7 @@ async def assert_recovered(name: str, settings: Settings, heal: Heal) -> float:
 
 
 async def all_started(*relays: RelayProcess) -> bool:
-    return all(" started: schema " in relay.output() for relay in relays)
+    return all(" started: database " in relay.output() for relay in relays)
 
 
 async def frozen_mid_batch(settings: Settings, relay: RelayProcess) -> bool:
