@@ -24,7 +24,7 @@ import psycopg
 
 from outbox_relay.config import Settings, format_duration, redact_url
 from outbox_relay.database import connect_postgres, connected_to
-from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import connect_nats, ensure_stream
 from outbox_relay.logs import relay_id_context
@@ -163,7 +163,10 @@ class Relay:
         """
         settings = self.settings
         relay_id_context.set(self.relay_id)
-        self._conn = await self._open_session()
+        conn = await self._writable_session()
+        if conn is None:
+            return  # stopped while waiting for a primary
+        self._conn = conn
         self._publisher: Publisher | None = None
         try:
             await ensure_migrated(self._conn, settings.names)
@@ -227,10 +230,26 @@ class Relay:
         self._connections.nats = self._connections.stream = True
         return publisher
 
+    async def _writable_session(self) -> psycopg.AsyncConnection[Any] | None:
+        """The first session. A standby is no error to exit on, since it may be
+        promoted: say so once and wait for a primary (None: stopped meanwhile)."""
+        backoff = Backoff(initial=0.5)
+        said = False
+        while not self._stopping.is_set():
+            try:
+                return await self._open_session()
+            except ReadOnlyServerError as exc:
+                if not said:
+                    log.warning("%s; waiting for a writable primary", _one_line(exc))
+                    said = True
+            await self._pause(backoff.next_delay())
+        return None
+
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_postgres(self.settings, application_name=self._application_name)
         idle_timeout = self.settings.claim_hold_bound
         try:
+            await self._require_writable(conn)
             await conn.execute(
                 query("configure_session", self.settings.names),
                 {
@@ -253,6 +272,12 @@ class Relay:
             raise
         self._connections.postgres = True
         return conn
+
+    async def _require_writable(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if await self._store.read_only(conn):
+            raise ReadOnlyServerError(
+                f"PostgreSQL at {connected_to(conn)} is read-only (a standby?)"
+            )
 
     async def _relay_loop(self) -> None:
         settings = self.settings
@@ -637,6 +662,8 @@ def _connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> 
     """
     if isinstance(exc, TimeoutError | ServerUnavailableError | psycopg.OperationalError):
         return True
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return True  # the server became a standby (or we reached one): find the primary
     return bool(conn.closed or conn.broken)
 
 

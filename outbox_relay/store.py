@@ -141,6 +141,7 @@ class OutboxStore:
         self._release_idle_lock = query("release_idle_lock", names)
         self._join_relays = query("join_relays", names)
         self._ping = query("ping", names)
+        self._read_only = query("read_only", names)
         self._count_relays = query("count_relays", names)
         self._take_partitions = query("take_partitions", names)
         self._release_partitions = query("release_partitions", names)
@@ -236,6 +237,10 @@ class OutboxStore:
 
     async def ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._flag(conn, self._ping)
+
+    async def read_only(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether the server takes no writes (a standby, say)."""
+        return await self._flag(conn, self._read_only)
 
     # Key partitions (sql/migrations/0004_ordered_delivery.sql): session-level locks,
     # taken and released between batches, in short transactions of their own.

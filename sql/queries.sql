@@ -303,3 +303,8 @@ SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
 
 -- name: ping
 SELECT true;
+
+-- name: read_only
+-- A standby (in recovery) or a server whose sessions default to read-only: the relay
+-- can claim nothing there, so it waits for a primary instead.
+SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean;
