@@ -622,9 +622,10 @@ def _window(options: dict[str, Any]) -> Window:
 @_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(as_json: bool, **options: Any) -> None:
-    """Check every event of a window: ok, pending, lost, duplicate, unexpected or collided.
+    """Check every event of a window: ok, pending, lost, duplicate, unexpected, collided,
+    or rolled back by a failover after it was published.
 
-    Exits 5 when anything is lost, duplicated, unexpected or collided.
+    Exits 5 when anything is lost, duplicated, unexpected, collided or rolled back.
     """
     window = _window(options)
     settings = settings_from(options)
@@ -644,8 +645,10 @@ def verify_command(as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(summary).decode())
     else:
-        for key in ("ok", "pending", *PROBLEMS):
-            click.echo(f"{key:<14}{summary[key]}")
+        keys = ("ok", "pending", *PROBLEMS)
+        width = max(map(len, keys)) + 2
+        for key in keys:
+            click.echo(f"{key:<{width}}{summary[key]}")
     if not report.clean:
         raise VerificationFailed(
             ", ".join(f"{summary[key]} {key.replace('_', ' ')}" for key in PROBLEMS)
