@@ -12,7 +12,7 @@ class TcpProxy:
 
     def __init__(self, target_url: str) -> None:
         parts = urlsplit(target_url)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 4222)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 4222)
         self._scheme = parts.scheme
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
@@ -50,7 +50,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
             return
