@@ -48,6 +48,8 @@ _SHORT_RECHECK = 0.1
 # A relay that has not been able to publish for this long gives its key partitions
 # back, so that the other relays deliver its keys (README: Liveness).
 STEP_DOWN_AFTER = 2.0
+# How often a relay waiting out a NATS outage looks whether the client reconnected.
+_RECONNECT_POLL = 0.1
 # How often a relay that stepped down checks whether it can publish again.
 _REJOIN_CHECK = 1.0
 
@@ -293,7 +295,7 @@ class Relay:
                 # messages; the client is reconnecting on its own.
                 await self._keep_session_alive()
                 await self._unpublishable()
-                await self._pause(outage.next_delay())
+                await self._pause(outage.next_delay(), until=publisher)
                 continue
             if self._stepped_down:
                 await self._rejoin_when_publishable(publisher)
@@ -423,12 +425,18 @@ class Relay:
             log.warning("%s", exc)
         return self._publisher
 
-    async def _pause(self, seconds: float) -> None:
-        """Sit out an outage: new rows do not end it, only time or stop() does."""
+    async def _pause(self, seconds: float, *, until: Publisher | None = None) -> None:
+        """Sit out an outage: new rows do not end it, only time or stop() does, or
+        ``until`` reconnecting (the backoff grows long during a long NATS outage)."""
         if not self._stopping.is_set():
             self.metrics.set_state(RelayState.OUTAGE)
         with anyio.move_on_after(seconds):
-            await self._stopping.wait()
+            if until is None:
+                await self._stopping.wait()
+                return
+            # nats-py tells reconnects only to the callbacks connect_nats gave it.
+            while not (self._stopping.is_set() or until.connected):  # noqa: ASYNC110
+                await anyio.sleep(_RECONNECT_POLL)  # a flag of the client: cheap to read
 
     async def _keep_session_alive(self) -> None:
         """A statement, so idle_session_timeout (meant for a frozen relay) spares us."""
