@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -28,9 +29,17 @@ def _bin(name: str) -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range: a node restarts on its port
+    long after it was chosen, and a client connection must not have taken it since."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20_000, min(first_ephemeral, 32_768))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Node:
@@ -58,6 +67,7 @@ class ReplicatedPostgres:
 
     def __init__(self, *, synchronous: bool) -> None:
         self.synchronous = synchronous
+        self.mode = "synchronous" if synchronous else "asynchronous"  # a name for reports
         # Set before start: the first standby replicates through a proxy there (to cut).
         self.replication_port: int | None = None
         self._root = Path(tempfile.mkdtemp(prefix="outbox-relay-pair-"))
@@ -89,6 +99,9 @@ class ReplicatedPostgres:
             "max_wal_senders = 5",
             "hot_standby = on",
             "listen_addresses = '127.0.0.1'",
+            # TCP only: a socket's lock file in the data directory would be copied by
+            # pg_basebackup and stop the copy from starting.
+            "unix_socket_directories = ''",
             "fsync = off",  # throw-away data; the failover, not the disk, is under test
             "wal_receiver_status_interval = 1s",
         ]
@@ -138,13 +151,12 @@ class ReplicatedPostgres:
         self.primary, self.standby = self.standby, self.primary
 
     def _start(self, node: Node) -> None:
-        socket_dir = node.data
-        self._pg_ctl(
-            node,
-            *("-o", f"-p {node.port} -k {socket_dir}"),
-            *("-l", str(self._root / f"{node.name}.log")),
-            "start",
-        )
+        log = self._root / f"{node.name}.log"
+        try:
+            self._pg_ctl(node, "-o", f"-p {node.port}", "-l", str(log), "start")
+        except subprocess.CalledProcessError as exc:
+            tail = log.read_text().splitlines()[-12:] if log.exists() else []
+            raise RuntimeError(f"{node.name} did not start: {tail}") from exc
 
     def _pg_ctl(self, node: Node, *args: str) -> None:
         self._run("pg_ctl", "-w", "-t", "60", "-D", str(node.data), *args)
