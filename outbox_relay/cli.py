@@ -232,6 +232,13 @@ RELAY_OPTIONS = [
         help="Publish each ordering key's rows one relay at a time, in commit order.",
     ),
     _option(
+        "--standby-confirmed/--no-standby-confirmed",
+        envvar="OUTBOX_STANDBY_CONFIRMED",
+        default=False,
+        help="Publish a batch only once a streaming standby has flushed it, so a failover "
+        "cannot take back what was published (the role needs pg_monitor).",
+    ),
+    _option(
         "--dead-letter-policy",
         envvar="OUTBOX_DEAD_LETTER_POLICY",
         type=click.Choice(["hold", "skip"]),
@@ -303,6 +310,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
         "metrics_port",
         "lag_interval",
         "dead_letter_policy",
+        "standby_confirmed",
     }
     kwargs = {k: v for k, v in options.items() if k in known}
     if "ordering" in options:

@@ -478,6 +478,14 @@ class Relay:
             self.metrics.set_state(RelayState.BUSY)
             self.metrics.batch_rows.observe(len(messages))
             failpoint(AFTER_CLAIM)
+            if settings.standby_confirmed and not await self._store.standby_has_claim(
+                conn, send_until
+            ):
+                # Unconfirmed rows wait, as in an outage: nothing is sent or marked.
+                unconfirmed = BatchResult()
+                for _ in messages:
+                    unconfirmed.add_transient("no standby has flushed them yet")
+                return len(messages), unconfirmed
             with self.metrics.publish_seconds.time():
                 result = await publisher.publish_batch(messages, send_until=send_until)
             await self._store.delete(conn, result.published)

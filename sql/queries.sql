@@ -304,6 +304,15 @@ SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
 -- name: ping
 SELECT true;
 
+-- name: wal_position
+-- WAL inserted so far: the commit of every row a claim has seen lies below it.
+SELECT pg_current_wal_insert_lsn()::text;
+
+-- name: standby_has
+-- Whether a streaming standby has flushed the WAL up to a position. The LSN columns
+-- are NULL for roles that are neither superusers nor in pg_monitor: false then.
+SELECT coalesce(max(flush_lsn) >= %(lsn)s::pg_lsn, false) FROM pg_stat_replication;
+
 -- name: read_only
 -- A standby (in recovery) or a server whose sessions default to read-only: the relay
 -- can claim nothing there, so it waits for a primary instead.

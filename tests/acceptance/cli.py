@@ -46,6 +46,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "OUTBOX_LAG_INTERVAL": f"{settings.lag_interval}s",
         "OUTBOX_ORDERING": "true" if settings.ordered else "false",
         "OUTBOX_DEAD_LETTER_POLICY": settings.dead_letter_policy,
+        "OUTBOX_STANDBY_CONFIRMED": "true" if settings.standby_confirmed else "false",
     }
     return clean_env(**{**configured, **extra})
 
