@@ -40,11 +40,14 @@ async def replication_link() -> AsyncIterator[TcpProxy]:
     await proxy.close()
 
 
-@pytest.fixture(params=["asynchronous", "synchronous"])
+# "standby-confirmed": asynchronous replication, the relay publishing only what the
+# standby has flushed.
+@pytest.fixture(params=["asynchronous", "synchronous", "standby-confirmed"])
 async def pair(
     request: pytest.FixtureRequest, replication_link: TcpProxy
 ) -> AsyncIterator[ReplicatedPostgres]:
     pair = ReplicatedPostgres(synchronous=request.param == "synchronous")
+    pair.mode = request.param
     replication_link.target = ("127.0.0.1", pair.primary.port)
     pair.replication_port = (await replication_link.start()).port
     with pair:
@@ -65,9 +68,10 @@ async def since(promoted: float, settings: Settings) -> Heal:
 async def test_failover_then_switchover_under_load(
     pair: ReplicatedPostgres, replication_link: TcpProxy, servers: Servers, tmp_path: Path
 ) -> None:
-    mode = "synchronous" if pair.synchronous else "asynchronous"
-    name = f"PostgreSQL failover, {mode} standby, then switchover, under load"
+    confirmed = pair.mode == "standby-confirmed"
+    name = f"PostgreSQL failover, {pair.mode} standby, then switchover, under load"
     settings = await migrated(await on_pair(servers, pair.url))
+    settings = dataclasses.replace(settings, standby_confirmed=confirmed)
     load = Load(settings, rate=100)
     with relay_process(env_for(settings), tmp_path / "relay.log") as relay:
         async with anyio.create_task_group() as tg:
@@ -84,12 +88,14 @@ async def test_failover_then_switchover_under_load(
             promoted = time.monotonic()
             pair.swap()
             reseed = functools.partial(pair.seed_standby, pair.standby, pair.primary)
-            if pair.synchronous:
+            lossless = pair.synchronous or confirmed
+            if lossless:
                 # Every commit waits for a synchronous standby, the relay's deletes
-                # too: nothing moves until one is back (README: Failover).
+                # too; a standby-confirmed relay waits for one: nothing moves until
+                # one is back.
                 await anyio.to_thread.run_sync(reseed)
             await assert_recovered(name, settings, await since(promoted, settings))
-            if not pair.synchronous:
+            if not lossless:
                 # Later a clean switchover back: the old primary, re-seeded, takes over.
                 await anyio.to_thread.run_sync(reseed)
             await anyio.sleep(2)
@@ -107,7 +113,7 @@ async def test_failover_then_switchover_under_load(
         assert relay.wait(timeout=15) == 0
     assert "PostgreSQL unavailable" in relay.output()
     summary = await assert_nothing_lost_or_doubled(name, settings, rolled_back_by_failover=True)
-    if pair.synchronous:
+    if pair.synchronous or confirmed:
         assert summary["rolled_back_by_failover"] == 0, summary
     else:
         # Published from the old primary, never on the new one: verify names them.
