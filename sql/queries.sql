@@ -305,8 +305,11 @@ SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
 SELECT true;
 
 -- name: wal_position
--- WAL inserted so far: the commit of every row a claim has seen lies below it.
-SELECT pg_current_wal_insert_lsn()::text;
+-- WAL flushed so far. A row committed with synchronous_commit on (the default) is
+-- visible only once its commit is flushed, so every row a claim saw lies below it.
+-- Not the insert position: that includes the claim's own row locks, which no standby
+-- receives before this transaction ends.
+SELECT pg_current_wal_flush_lsn()::text;
 
 -- name: standby_has
 -- Whether a streaming standby has flushed the WAL up to a position. The LSN columns

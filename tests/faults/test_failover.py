@@ -26,7 +26,7 @@ from tests.faults.conftest import (
     healed,
     migrated,
 )
-from tests.helpers import lag, wait_until
+from tests.helpers import drained, lag, wait_until
 from tests.proxy import TcpProxy
 from tests.replicated import ReplicatedPostgres
 from tests.servers import Servers
@@ -109,6 +109,7 @@ async def test_failover_then_switchover_under_load(
             print(f"{switchover}: backlog delivered {took:.1f}s after the promotion")
             await anyio.sleep(1)
             load.stop()
+        await wait_until(lambda: drained(settings), within=60)  # before the relay stops
         relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=15) == 0
     assert "PostgreSQL unavailable" in relay.output()

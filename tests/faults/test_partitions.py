@@ -3,6 +3,7 @@ PostgreSQL and NATS cut (dropped, no RST), thinned out and slowed down by nftabl
 and our proxy. Producers and verify talk to the servers directly."""
 
 import dataclasses
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tests.faults.conftest import (
     assert_recovered,
     healed,
 )
-from tests.helpers import lag, wait_until
+from tests.helpers import drained, lag, wait_until
 from tests.netns import Namespace, unavailable
 from tests.proxy import TcpProxy
 
@@ -95,8 +96,8 @@ async def under_load(
             await assert_recovered(name, settings, await healed(settings))
             await anyio.sleep(1)
             load.stop()
-        await anyio.sleep(1)
-        relay.signal(15)
+        await wait_until(lambda: drained(settings), within=60)  # before the relay stops
+        relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=30) == 0, relay.output()
     await assert_nothing_lost_or_doubled(name, settings)
 
