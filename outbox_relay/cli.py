@@ -239,6 +239,13 @@ RELAY_OPTIONS = [
         help="Publish each ordering key's rows one relay at a time, in causal order.",
     ),
     _option(
+        "--standby-confirmed/--no-standby-confirmed",
+        envvar="OUTBOX_STANDBY_CONFIRMED",
+        default=False,
+        help="Publish a batch only once a streaming standby has flushed it, so a failover "
+        "cannot take back what was published (the role needs pg_monitor).",
+    ),
+    _option(
         "--dead-letter-policy",
         envvar="OUTBOX_DEAD_LETTER_POLICY",
         type=click.Choice(["hold", "skip"]),
@@ -311,6 +318,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
         "metrics_port",
         "lag_interval",
         "dead_letter_policy",
+        "standby_confirmed",
     }
     kwargs = {k: v for k, v in options.items() if k in known}
     if "ordering" in options:
@@ -632,9 +640,10 @@ def _window(options: dict[str, Any]) -> Window:
 @_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_command(as_json: bool, **options: Any) -> None:
-    """Check every event of a window: ok, pending, lost, duplicate, unexpected or collided.
+    """Check every event of a window: ok, pending, lost, duplicate, unexpected, collided,
+    or rolled back by a failover after it was published.
 
-    Exits 5 when anything is lost, duplicated, unexpected or collided.
+    Exits 5 when anything is lost, duplicated, unexpected, collided or rolled back.
     """
     window = _window(options)
     settings = settings_from(options)
@@ -654,8 +663,10 @@ def verify_command(as_json: bool, **options: Any) -> None:
     if as_json:
         click.echo(orjson.dumps(summary).decode())
     else:
-        for key in ("ok", "pending", *PROBLEMS):
-            click.echo(f"{key:<14}{summary[key]}")
+        keys = ("ok", "pending", *PROBLEMS)
+        width = max(map(len, keys)) + 2
+        for key in keys:
+            click.echo(f"{key:<{width}}{summary[key]}")
     if not report.clean:
         raise VerificationFailed(
             ", ".join(f"{summary[key]} {key.replace('_', ' ')}" for key in PROBLEMS)

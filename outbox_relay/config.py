@@ -178,6 +178,8 @@ class Settings:
     ordered: bool = True
     # A dead-lettered keyed row: "hold" its key's later rows, or "skip" past it.
     dead_letter_policy: str = "hold"
+    # Publish a batch only once a streaming standby has flushed it (README: Guarantees).
+    standby_confirmed: bool = False
     # The event column that keys events, as producers key them (OUTBOX_ORDERING_KEY):
     # replay keys its rows by it, verify expects it on every event message.
     ordering_key: str | None = DEFAULT_ORDERING_KEY

@@ -12,7 +12,22 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 
 from outbox_relay.config import Settings, describe_database
-from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
+
+# A server that vanishes without a RST (a network partition) must fail the connection
+# within seconds, not after the kernel's defaults (two hours idle, ~15 minutes of
+# retransmissions): by then PostgreSQL has long released the claim's locks.
+# Keepalives cover an idle connection, tcp_user_timeout one with unanswered data.
+# Any of them in the connection string wins.
+TCP_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms
+}
+# libpq's words when target_session_attrs=read-write found only standbys.
+_READ_ONLY_REFUSALS = ("session is read-only", "hot standby mode")
 
 
 async def connect_postgres(
@@ -22,8 +37,9 @@ async def connect_postgres(
 
     ``application_name`` applies unless the connection string or ``PGAPPNAME`` sets one.
     """
-    extra: dict[str, Any] = {}
-    if "application_name" not in _params(settings.database_url) and not os.environ.get("PGAPPNAME"):
+    given = _params(settings.database_url)
+    extra: dict[str, Any] = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+    if "application_name" not in given and not os.environ.get("PGAPPNAME"):
         extra["application_name"] = application_name
     try:
         with anyio.fail_after(settings.connect_timeout):
@@ -36,7 +52,12 @@ async def connect_postgres(
     except (psycopg.OperationalError, TimeoutError) as exc:
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else "timed out"
-        raise ServerUnavailableError(
+        unavailable = (
+            ReadOnlyServerError
+            if any(words in text for words in _READ_ONLY_REFUSALS)
+            else ServerUnavailableError
+        )
+        raise unavailable(
             f"cannot connect to PostgreSQL at {describe_database(settings.database_url)} "
             f"({reason}): check --database-url / OUTBOX_DATABASE_URL or the PG* variables"
         ) from exc

@@ -33,6 +33,10 @@ class ServerUnavailableError(OutboxError):
     exit_code = 3
 
 
+class ReadOnlyServerError(ServerUnavailableError):
+    """PostgreSQL answers but takes no writes: a standby, or a read-only session."""
+
+
 class NotMigratedError(OutboxError):
     """The database lacks the outbox schema, or has an older or newer version of it."""
 

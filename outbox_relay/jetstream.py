@@ -32,6 +32,10 @@ from outbox_relay.subjects import subject_matches
 log = logging.getLogger(__name__)
 
 
+_PING_INTERVAL = 3  # seconds
+_MAX_OUTSTANDING_PINGS = 2  # so a silent server is given up within about 10 s
+
+
 async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NATS:
     """Connect, or raise :class:`ServerUnavailableError` after ``connect_timeout``.
 
@@ -66,6 +70,11 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
                 connect_timeout=max(1, min(int(settings.connect_timeout), 5)),
                 reconnect_time_wait=1,
                 max_reconnect_attempts=-1,
+                # A link that drops packets without a RST looks alive for ever: an
+                # unanswered PING every few seconds makes the client reconnect instead
+                # (nats-py's default is one per 2 minutes).
+                ping_interval=_PING_INTERVAL,
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,

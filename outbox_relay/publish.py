@@ -264,7 +264,9 @@ class Publisher:
     async def stream_exists(self) -> bool:
         """Whether the stream is there (False too when JetStream does not answer)."""
         try:
-            await self._js.stream_info(self._stream)
+            # nats-py's own timeout does not cover a write stuck on a silent link.
+            with anyio.fail_after(self._timeout):
+                await self._js.stream_info(self._stream)
         except (nats.errors.Error, TimeoutError):
             return False
         return True

@@ -24,7 +24,7 @@ import psycopg
 
 from outbox_relay.config import Settings, format_duration, redact_url
 from outbox_relay.database import connect_postgres, connected_to
-from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import (
     atomic_publish_note,
@@ -53,6 +53,8 @@ _SHORT_RECHECK = 0.1
 # A relay that has not been able to publish for this long gives its key partitions
 # back, so that the other relays deliver its keys (README: Guarantees).
 STEP_DOWN_AFTER = 2.0
+# How often a relay waiting out a NATS outage looks whether the client reconnected.
+_RECONNECT_POLL = 0.1
 # How often a relay that stepped down checks whether it can publish again.
 _REJOIN_CHECK = 1.0
 
@@ -168,7 +170,10 @@ class Relay:
         """
         settings = self.settings
         relay_id_context.set(self.relay_id)
-        self._conn = await self._open_session()
+        conn = await self._writable_session()
+        if conn is None:
+            return  # stopped while waiting for a primary
+        self._conn = conn
         self._publisher: Publisher | None = None
         try:
             await ensure_migrated(self._conn, settings.names)
@@ -235,10 +240,26 @@ class Relay:
         self._connections.nats = self._connections.stream = True
         return publisher
 
+    async def _writable_session(self) -> psycopg.AsyncConnection[Any] | None:
+        """The first session. A standby is no error to exit on, since it may be
+        promoted: say so once and wait for a primary (None: stopped meanwhile)."""
+        backoff = Backoff(initial=0.5)
+        said = False
+        while not self._stopping.is_set():
+            try:
+                return await self._open_session()
+            except ReadOnlyServerError as exc:
+                if not said:
+                    log.warning("%s; waiting for a writable primary", _one_line(exc))
+                    said = True
+            await self._pause(backoff.next_delay())
+        return None
+
     async def _open_session(self) -> psycopg.AsyncConnection[Any]:
         conn = await connect_postgres(self.settings, application_name=self._application_name)
         idle_timeout = self.settings.claim_hold_bound
         try:
+            await self._require_writable(conn)
             await conn.execute(
                 query("configure_session", self.settings.names),
                 {
@@ -262,6 +283,12 @@ class Relay:
         self._connections.postgres = True
         return conn
 
+    async def _require_writable(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if await self._store.read_only(conn):
+            raise ReadOnlyServerError(
+                f"PostgreSQL at {connected_to(conn)} is read-only (a standby?)"
+            )
+
     async def _relay_loop(self) -> None:
         settings = self.settings
         outage = Backoff()
@@ -276,7 +303,7 @@ class Relay:
                 # messages; the client is reconnecting on its own.
                 await self._keep_session_alive()
                 step_down_in = await self._unpublishable(time.monotonic())
-                await self._pause(min(outage.next_delay(), step_down_in))
+                await self._pause(min(outage.next_delay(), step_down_in), until=publisher)
                 continue
             self._wakeup.clear()
             attempted = time.monotonic()
@@ -408,12 +435,18 @@ class Relay:
             log.warning("%s", exc)
         return self._publisher
 
-    async def _pause(self, seconds: float) -> None:
-        """Sit out an outage: new rows do not end it, only time or stop() does."""
+    async def _pause(self, seconds: float, *, until: Publisher | None = None) -> None:
+        """Sit out an outage: new rows do not end it, only time or stop() does, or
+        ``until`` reconnecting (the backoff grows long during a long NATS outage)."""
         if not self._stopping.is_set():
             self.metrics.set_state(RelayState.OUTAGE)
         with anyio.move_on_after(seconds):
-            await self._stopping.wait()
+            if until is None:
+                await self._stopping.wait()
+                return
+            # nats-py tells reconnects only to the callbacks connect_nats gave it.
+            while not (self._stopping.is_set() or until.connected):  # noqa: ASYNC110
+                await anyio.sleep(_RECONNECT_POLL)  # a flag of the client: cheap to read
 
     async def _keep_session_alive(self) -> None:
         """A statement, so idle_session_timeout (meant for a frozen relay) spares us."""
@@ -457,6 +490,14 @@ class Relay:
             self.metrics.set_state(RelayState.BUSY)
             self.metrics.batch_rows.observe(len(messages))
             failpoint(AFTER_CLAIM)
+            if settings.standby_confirmed and not await self._store.standby_has_claim(
+                conn, send_until
+            ):
+                # Unconfirmed rows wait, as in an outage: nothing is sent or marked.
+                unconfirmed = BatchResult()
+                for _ in messages:
+                    unconfirmed.add_transient("no standby has flushed them yet")
+                return len(messages), unconfirmed
             with self.metrics.publish_seconds.time():
                 result = await publisher.publish_batch(messages, send_until=send_until)
             await self._store.delete(conn, result.published)
@@ -649,6 +690,8 @@ def _connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> 
     """
     if isinstance(exc, TimeoutError | ServerUnavailableError | psycopg.OperationalError):
         return True
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return True  # the server became a standby (or we reached one): find the primary
     return bool(conn.closed or conn.broken)
 
 

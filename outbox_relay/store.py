@@ -6,10 +6,12 @@ which owns the transaction: a claim's row locks last until it commits or rolls b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import sql
 
@@ -17,6 +19,10 @@ from outbox_relay.config import DEFAULT_BATCH_MAX_BYTES
 from outbox_relay.errors import NotMigratedError
 from outbox_relay.queries import CLAIM_SHIFT, Names, query
 from outbox_relay.schema import latest_version
+
+# How often a relay that publishes only what a standby has looks again: a standby
+# reports each flush at once, so this is about a loopback round trip.
+_STANDBY_POLL = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +148,9 @@ class OutboxStore:
         self._release_idle_lock = query("release_idle_lock", names)
         self._join_relays = query("join_relays", names)
         self._ping = query("ping", names)
+        self._read_only = query("read_only", names)
+        self._wal_position = query("wal_position", names)
+        self._standby_has = query("standby_has", names)
         self._count_relays = query("count_relays", names)
         self._take_partitions = query("take_partitions", names)
         self._release_partitions = query("release_partitions", names)
@@ -248,6 +257,25 @@ class OutboxStore:
 
     async def ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._flag(conn, self._ping)
+
+    async def standby_has_claim(self, conn: psycopg.AsyncConnection[Any], until: float) -> bool:
+        """Wait until a standby has flushed the commits of the rows just claimed (in
+        the claim's transaction); False if none has by ``until`` (monotonic)."""
+        cur = await conn.execute(self._wal_position)
+        row = await cur.fetchone()
+        lsn = row[0] if row else None
+        while True:
+            cur = await conn.execute(self._standby_has, {"lsn": lsn})
+            row = await cur.fetchone()
+            if row and row[0]:
+                return True
+            if time.monotonic() >= until:
+                return False
+            await anyio.sleep(_STANDBY_POLL)
+
+    async def read_only(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether the server takes no writes (a standby, say)."""
+        return await self._flag(conn, self._read_only)
 
     # Key partitions (sql/migrations/0004_ordered_delivery.sql): session-level locks,
     # taken and released between batches, in short transactions of their own.

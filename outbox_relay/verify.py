@@ -9,6 +9,11 @@ Each event of a window, known by its (execution id, event id), is classified as
 * ``unexpected``: in the stream, never committed;
 * ``collided``: one event id committed by two rows (two executions): they share a
   msg id, so JetStream keeps one of them;
+* ``rolled_back_by_failover``: in the stream, published by a relay (it carries the
+  relay's ``Nats-Expected-Stream``), but the event is not in the database. A relay
+  publishes only rows it read committed, so the database lost a commit: a failover
+  to an asynchronous standby that had not received it (or a restore to an earlier
+  point). Other messages of unknown events are ``unexpected``;
 
 and every ordering key's messages are checked to stand in the stream in the order
 the relay published them (``out_of_order`` counts those that do not: a relay that
@@ -38,12 +43,25 @@ from outbox_relay.config import Settings
 from outbox_relay.errors import OutboxError
 from outbox_relay.ids import EPOCH_MS, LOW_BITS
 from outbox_relay.jetstream import read_stream
-from outbox_relay.publish import MSG_ID_HEADER, ORDERING_KEY_HEADER, SEQUENCE_HEADER
+from outbox_relay.publish import (
+    EXPECTED_STREAM_HEADER,
+    MSG_ID_HEADER,
+    ORDERING_KEY_HEADER,
+    SEQUENCE_HEADER,
+)
 from outbox_relay.queries import query
 
 SAMPLE = 20  # problem ids listed per class; counts are always complete
 # The classes that make a report unclean.
-PROBLEMS = ("lost", "duplicate", "unexpected", "out_of_order", "unkeyed", "collided")
+PROBLEMS = (
+    "lost",
+    "duplicate",
+    "unexpected",
+    "out_of_order",
+    "unkeyed",
+    "collided",
+    "rolled_back_by_failover",
+)
 K = TypeVar("K", bound=Hashable)
 # (execution id, event id); None when a message's payload names no execution.
 EventKey = tuple[int | None, int]
@@ -93,6 +111,8 @@ class Report:
     out_of_order: list[int] = field(default_factory=list)  # stored before an earlier one
     unkeyed: list[int] = field(default_factory=list)  # event messages without their key
     collided: list[int] = field(default_factory=list)  # committed by more than one row
+    # Relay-published, gone from the database: a commit the failover did not keep.
+    rolled_back_by_failover: list[int] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -112,6 +132,7 @@ class Report:
                 "out_of_order": self.out_of_order[:SAMPLE],
                 "unkeyed": sorted(self.unkeyed)[:SAMPLE],
                 "collided": sorted(self.collided)[:SAMPLE],
+                "rolled_back_by_failover": sorted(self.rolled_back_by_failover)[:SAMPLE],
             },
         }
 
@@ -214,6 +235,7 @@ async def verify(
     # Relays in unordered mode send no ordering headers.
     ordering_key = settings.ordering_key if settings.ordered else None
     stored: Counter[EventKey] = Counter()
+    relayed: set[int] = set()  # event ids of messages a relay published
     keyed: list[tuple[int, str, int]] = []
     unkeyed: list[int] = []
     for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
@@ -222,6 +244,8 @@ async def verify(
         if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
             event = event_row(message.data)
             stored[(_execution_id(event), int(msg_id))] += 1
+            if headers.get(EXPECTED_STREAM_HEADER) == settings.stream:
+                relayed.add(int(msg_id))
             key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
             if key is not None and sequence.isdigit():
                 keyed.append((int(msg_id), key, int(sequence)))
@@ -237,7 +261,12 @@ async def verify(
     report = classify_ids(
         committed, waiting, _attributed(stored, committed), event_id=itemgetter(1)
     )
-    report.out_of_order = out_of_order(keyed)
+    gone = set(report.unexpected) & relayed
+    report.rolled_back_by_failover = sorted(gone)
+    report.unexpected = [event_id for event_id in report.unexpected if event_id not in gone]
+    # Their queue ids were drawn again on the new primary: only events that exist
+    # have an order to keep.
+    report.out_of_order = out_of_order(k for k in keyed if k[0] not in gone)
     report.unkeyed = unkeyed
     report.collided = collided(committed)
     return report

@@ -316,3 +316,20 @@ SELECT count(*) FROM {outbox_table} WHERE event_id = ANY(%(ids)s::text[]);
 
 -- name: ping
 SELECT true;
+
+-- name: wal_position
+-- WAL flushed so far. A row committed with synchronous_commit on (the default) is
+-- visible only once its commit is flushed, so every row a claim saw lies below it.
+-- Not the insert position: that includes the claim's own row locks, which no standby
+-- receives before this transaction ends.
+SELECT pg_current_wal_flush_lsn()::text;
+
+-- name: standby_has
+-- Whether a streaming standby has flushed the WAL up to a position. The LSN columns
+-- are NULL for roles that are neither superusers nor in pg_monitor: false then.
+SELECT coalesce(max(flush_lsn) >= %(lsn)s::pg_lsn, false) FROM pg_stat_replication;
+
+-- name: read_only
+-- A standby (in recovery) or a server whose sessions default to read-only: the relay
+-- can claim nothing there, so it waits for a primary instead.
+SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean;

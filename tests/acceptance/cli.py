@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "OUTBOX_LAG_INTERVAL": f"{settings.lag_interval}s",
         "OUTBOX_ORDERING": "true" if settings.ordered else "false",
         "OUTBOX_DEAD_LETTER_POLICY": settings.dead_letter_policy,
+        "OUTBOX_STANDBY_CONFIRMED": "true" if settings.standby_confirmed else "false",
     }
     return clean_env(**{**configured, **extra})
 
@@ -68,11 +69,14 @@ async def outbox_relay(*args: str, env: dict[str, str], within: float = 60) -> R
 class RelayProcess:
     """``outbox-relay run`` in the background, its log in a file (a pipe could fill up)."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, *args: str, wrapper: Sequence[str] = ()
+    ) -> None:
         self.log = log
         with log.open("a") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "outbox_relay", "run", *args],
+                # wrapper: a prefix such as ``ip netns exec <name>`` (it execs the relay).
+                [*wrapper, sys.executable, "-m", "outbox_relay", "run", *args],
                 env=env,
                 stdout=sink,
                 stderr=sink,
@@ -89,9 +93,11 @@ class RelayProcess:
 
 
 @contextmanager
-def relay_process(env: dict[str, str], log: Path, *args: str) -> Iterator[RelayProcess]:
+def relay_process(
+    env: dict[str, str], log: Path, *args: str, wrapper: Sequence[str] = ()
+) -> Iterator[RelayProcess]:
     """Killed if the test leaves it running."""
-    relay = RelayProcess(env, log, *args)
+    relay = RelayProcess(env, log, *args, wrapper=wrapper)
     try:
         yield relay
     finally:

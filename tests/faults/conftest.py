@@ -45,14 +45,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("fault injection: verify after each fault")
     terminalreporter.write_line(
         f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}{'unkey':>7}"
-        f"{'recovery':>10}"
+        f"{'rolled back':>12}{'recovery':>10}"
     )
     for name, summary in RESULTS:
         recovery = f"{RECOVERY[name]:.1f}s" if name in RECOVERY else "-"
         terminalreporter.write_line(
             f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
             f"{summary['unexpected']:>7}{summary['out_of_order']:>7}{summary['unkeyed']:>7}"
-            f"{recovery:>10}"
+            f"{summary['rolled_back_by_failover']:>12}{recovery:>10}"
         )
 
 
@@ -156,9 +156,17 @@ class Load:
 
 
 async def assert_nothing_lost_or_doubled(
-    name: str, settings: Settings, *, window: Window | None = None, within: float = 90
+    name: str,
+    settings: Settings,
+    *,
+    window: Window | None = None,
+    within: float = 90,
+    rolled_back_by_failover: bool = False,
 ) -> dict[str, Any]:
-    """Wait until the outbox is empty, then verify the stream against the database."""
+    """Wait until the outbox is empty, then verify the stream against the database.
+
+    ``rolled_back_by_failover``: the test lost commits on purpose (an asynchronous
+    standby promoted) and checks that class itself."""
     await wait_until(lambda: drained(settings), within=within, interval=0.2)
     nc: NATS = await connect_nats(settings)
     try:
@@ -169,7 +177,9 @@ async def assert_nothing_lost_or_doubled(
     summary = report.as_dict()
     RESULTS.append((name, summary))
     assert summary["lost"] == summary["duplicate"] == summary["unexpected"] == 0, summary
-    assert summary["out_of_order"] == summary["unkeyed"] == 0, summary
+    assert summary["out_of_order"] == summary["unkeyed"] == summary["collided"] == 0, summary
+    if not rolled_back_by_failover:
+        assert summary["rolled_back_by_failover"] == 0, summary
     assert summary["pending"] == 0, summary
     assert summary["ok"] > 0, summary
     return summary

@@ -74,6 +74,7 @@ async def test_three_relays_keep_every_execution_in_commit_order(
         "out_of_order": 0,
         "unkeyed": 0,
         "collided": 0,
+        "rolled_back_by_failover": 0,
         "clean": True,
         "samples": None,
     }
