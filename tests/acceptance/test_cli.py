@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from psycopg import sql
 
+from outbox_relay.atomic import BATCH_COMMIT_HEADER, BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER
 from outbox_relay.config import Settings
 from outbox_relay.producer import Producer
 from outbox_relay.schema import latest_version
@@ -116,6 +117,11 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
         event = orjson.loads(message.data)
         assert message.header is not None
         assert message.header.pop("Outbox-Sequence").isdigit()
+        # Stored as atomic batches (the stream the relay created allows them): the
+        # batch headers stay on each message.
+        assert len(message.header.pop(BATCH_ID_HEADER)) == 32
+        assert message.header.pop(BATCH_SEQUENCE_HEADER).isdigit()
+        assert message.header.pop(BATCH_COMMIT_HEADER, "1") == "1"
         assert message.header == {
             "Nats-Msg-Id": str(event["event_id"]),
             "Nats-Expected-Stream": outbox.stream,
