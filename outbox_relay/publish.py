@@ -53,8 +53,10 @@ NO_RESPONDERS_STATUS = "503"
 # JetStream API errors that are about the server's state, not the message: retried
 # after an outage backoff, without counting against the row. 429 is overload and flow
 # control (10167: too many messages queued for the stream); 503 is unavailability.
-_TRANSIENT_API_CODES = frozenset({429, 503})
-_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094, 10167})
+_TOO_MANY_REQUESTS = 429
+_TOO_MANY_REQUESTS_ERR_CODE = 10167
+_TRANSIENT_API_CODES = frozenset({_TOO_MANY_REQUESTS, 503})
+_TRANSIENT_API_ERR_CODES = frozenset({10008, 10023, 10077, 10094, _TOO_MANY_REQUESTS_ERR_CODE})
 
 
 class Kind(enum.Enum):
@@ -84,6 +86,13 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
     if isinstance(exc, TimeoutError):
         return Kind.TRANSIENT, "no PubAck before the publish timeout"
     return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
+
+
+def _overloaded(error: BaseException) -> bool:
+    """JetStream's flow control: too many requests in flight (429, err_code 10167)."""
+    return isinstance(error, nats.js.errors.APIError) and (
+        error.code == _TOO_MANY_REQUESTS or error.err_code == _TOO_MANY_REQUESTS_ERR_CODE
+    )
 
 
 def message_headers(message: OutboxMessage, stream: str, *, ordered: bool) -> dict[str, str]:
@@ -372,7 +381,9 @@ class Publisher:
                 # A server that ignores batch headers stored them as plain messages,
                 # unacknowledged: send them again one by one (their msg ids dedup).
                 self._stop_atomic("the server acknowledged a batch as a single message")
-            elif classify(error)[0] is Kind.TRANSIENT:
+            elif classify(error)[0] is Kind.TRANSIENT and not _overloaded(error):
+                # (An overloaded server goes on below: a batch larger than it queues can
+                # never pass whole; one by one, its answers pace what gets through.)
                 for _ in rows:
                     result.add_transient(classify(error)[1])
                 continue
