@@ -12,7 +12,7 @@ from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.jetstream import connect_nats
+from outbox_relay.jetstream import atomic_publish_supported, connect_nats, server_version
 from outbox_relay.schema import migrate
 from tests.noetl import migrated
 from tests.servers import Servers, test_servers
@@ -102,6 +102,17 @@ async def nc(servers: Servers) -> AsyncIterator[NATS]:
     client = await connect_nats(make_settings(servers))
     yield client
     await client.close()
+
+
+@pytest.fixture
+def atomic_server(nc: NATS) -> None:
+    """Skip where the test servers' nats-server predates atomic batch publish: the
+    embedded one (the suite's default, and .ci/run's first pass) has it."""
+    if not atomic_publish_supported(nc):
+        pytest.skip(
+            f"nats-server {'.'.join(map(str, server_version(nc)))} predates atomic batch publish "
+            "(2.12.1); the embedded nats-server runs these tests"
+        )
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ async def test_check_prints_max_payload_and_warns_when_producers_may_exceed_it(
     assert "warning" not in (await outbox_relay("check", env=env_for(outbox))).stderr
 
 
+@pytest.mark.usefixtures("atomic_server")
 @pytest.mark.parametrize("allowed", [False, True])
 async def test_check_says_whether_the_stream_takes_atomic_batches(
     outbox: Settings, nc: NATS, allowed: bool

@@ -71,6 +71,7 @@ def _sequences_increase_per_key(messages: list[Msg]) -> bool:
     return True
 
 
+@pytest.mark.usefixtures("atomic_server")
 async def test_a_claim_is_stored_as_one_atomic_batch_in_order(outbox: Settings, nc: NATS) -> None:
     _enqueue(outbox, ROWS)
     async with running_relay(outbox):
@@ -83,6 +84,7 @@ async def test_a_claim_is_stored_as_one_atomic_batch_in_order(outbox: Settings, 
     assert (await nc.jetstream().stream_info(outbox.stream)).config.allow_atomic
 
 
+@pytest.mark.usefixtures("atomic_server")
 @pytest.mark.parametrize("ordered", [True, False])
 async def test_a_claim_over_the_server_limit_is_split_into_full_batches(
     outbox: Settings, nc: NATS, ordered: bool
@@ -99,6 +101,7 @@ async def test_a_claim_over_the_server_limit_is_split_into_full_batches(
     assert len(_batch_ids(stored)) == 3
 
 
+@pytest.mark.usefixtures("atomic_server")
 async def test_a_batch_refused_for_a_stored_msg_id_goes_one_by_one(
     outbox: Settings, nc: NATS
 ) -> None:
@@ -126,6 +129,7 @@ async def test_a_batch_refused_for_a_stored_msg_id_goes_one_by_one(
     assert None not in _batch_ids(stored[-2:])
 
 
+@pytest.mark.usefixtures("atomic_server")
 async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     outbox: Settings, nc: NATS
 ) -> None:
@@ -151,6 +155,7 @@ async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     assert (await lag(settings)).pending == 1
 
 
+@pytest.mark.usefixtures("atomic_server")
 async def test_a_row_that_cannot_be_sent_holds_back_its_key_in_the_batch(
     outbox: Settings, nc: NATS
 ) -> None:
