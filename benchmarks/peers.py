@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from psycopg import sql
 
 from outbox_relay.config import Settings
-from outbox_relay.jetstream import atomic_publish_supported, ensure_stream
+from outbox_relay.jetstream import batch_support, ensure_stream
 
 PeerDrain = Callable[[str, str, Settings, int, int], Awaitable[float]]
 
@@ -83,7 +83,7 @@ async def timed_drain(
     try:
         js = nc.jetstream()
         # As the relay creates it; to the peers, allowing batches changes nothing.
-        await ensure_stream(js, settings, atomic=atomic_publish_supported(nc))
+        await ensure_stream(js, settings, batches=batch_support(nc))
         async with anyio.create_task_group() as tg:
             started = anyio.current_time()
             tg.start_soon(relay, js)

@@ -38,7 +38,7 @@ from outbox_relay.dead_letters import (
     show_dead_letter,
 )
 from outbox_relay.errors import ConfigError, InvalidSubjectError, OutboxError
-from outbox_relay.jetstream import atomic_publish_note, connect_nats, require_stream
+from outbox_relay.jetstream import connect_nats, publish_note, require_stream
 from outbox_relay.logs import LogFormat, configure_logging
 from outbox_relay.metrics import HealthServer
 from outbox_relay.producer import max_payload_from_env
@@ -582,12 +582,12 @@ def check_command(**options: Any) -> None:
         try:
             info = await require_stream(nc.jetstream(), settings)
             server_max = nc.max_payload
-            atomic_note = atomic_publish_note(info.config, nc)
+            batches_note = publish_note(info.config, nc)
         finally:
             await nc.close()
         click.echo(f"nats: ok, stream {settings.stream} holds {info.state.messages} messages")
         click.echo(f"nats max_payload: {server_max:,} bytes, headers included")
-        click.echo(f"nats publish: {atomic_note}")
+        click.echo(f"nats publish: {batches_note}")
         if (producer_max := max_payload_from_env()) > server_max:
             click.echo(
                 f"warning: the producers' maximum of {producer_max:,} bytes "

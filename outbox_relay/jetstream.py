@@ -24,7 +24,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
-from outbox_relay import atomic
+from outbox_relay import atomic, fast_ingest
 from outbox_relay.config import DurableConsumer, NatsAuth, Settings, format_duration, redact_url
 from outbox_relay.errors import ConfigError, OutboxError, ServerUnavailableError
 from outbox_relay.subjects import subject_matches
@@ -143,26 +143,58 @@ def server_version(nc: NATS) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def atomic_publish_supported(nc: NATS) -> bool:
-    """Whether the connected server takes the relay's atomic batches."""
-    return atomic.server_supports(server_version(nc))
+@dataclass(frozen=True, slots=True)
+class BatchSupport:
+    """The kinds of batch publish a nats-server (or a stream) takes."""
+
+    fast: bool = False  # fast-ingest batches (2.14)
+    atomic: bool = False  # atomic batches (2.12.1)
 
 
-def atomic_publish_note(config: StreamConfig, nc: NATS) -> str:
+def batch_support(nc: NATS) -> BatchSupport:
+    """What the connected server takes."""
+    version = server_version(nc)
+    return BatchSupport(fast_ingest.server_supports(version), atomic.server_supports(version))
+
+
+def stream_batches(config: StreamConfig, nc: NATS) -> BatchSupport:
+    """The batches the relay will publish to the stream: those both take."""
+    server = batch_support(nc)
+    return BatchSupport(
+        server.fast and bool(config.allow_batched), server.atomic and bool(config.allow_atomic)
+    )
+
+
+def publish_note(config: StreamConfig, nc: NATS) -> str:
     """How the relay will publish to the stream, and what allowing batches would gain."""
-    version = ".".join(map(str, server_version(nc)))
-    if not atomic_publish_supported(nc):
+    name = config.name
+    server, stream = batch_support(nc), stream_batches(config, nc)
+    if stream.fast:
         return (
-            f"nats-server {version} predates atomic batch publish (2.12.1): one PubAck "
-            "per message; a newer server would take a claim as one batch (README: Performance)"
+            f"stream {name} allows fast-ingest batch publish: each claim is one "
+            "flow-controlled batch, stored as it arrives"
         )
-    if not config.allow_atomic:
+    if not server.atomic:
+        version = ".".join(map(str, server_version(nc)))
         return (
-            f"stream {config.name} does not allow atomic batch publish: one PubAck per "
-            "message. Set allow_atomic: true on it to have each claim stored as one batch "
-            "with one PubAck, the faster path (README: Performance)"
+            f"nats-server {version} predates batch publish (atomic 2.12.1, fast-ingest "
+            "2.14): one PubAck per message; a newer server would take each claim as one "
+            "batch (README: Performance)"
         )
-    return f"stream {config.name} allows atomic batch publish: each claim is one batch"
+    if server.fast:
+        how = "each claim is one atomic batch" if stream.atomic else "one PubAck per message"
+        return (
+            f"stream {name} does not allow fast-ingest batch publish: {how}. Set "
+            "allow_batched: true on it to have each claim stored as it arrives, the "
+            "fastest path (README: Performance)"
+        )
+    if stream.atomic:
+        return f"stream {name} allows atomic batch publish: each claim is one batch"
+    return (
+        f"stream {name} does not allow atomic batch publish: one PubAck per message. Set "
+        "allow_atomic: true on it to have each claim stored as one batch with one PubAck, "
+        "the faster path (README: Performance)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +203,6 @@ class StreamStatus:
     config: StreamConfig
     warnings: list[str] = field(default_factory=list)
     consumers_created: list[str] = field(default_factory=list)
-
-    @property
-    def allows_atomic(self) -> bool:
-        return bool(self.config.allow_atomic)
 
     def describe(self) -> str:
         cfg = self.config
@@ -241,11 +269,11 @@ def _describe(exc: BaseException) -> str:
 
 
 async def ensure_stream(
-    js: JetStreamContext, settings: Settings, *, atomic: bool = False
+    js: JetStreamContext, settings: Settings, *, batches: BatchSupport = BatchSupport()
 ) -> StreamStatus:
     """Create the stream as NoETL's tailer did, or leave an existing one untouched;
-    then the configured durable consumers that are absent. ``atomic``: the server takes
-    atomic batches, so a stream we create allows them.
+    then the configured durable consumers that are absent. ``batches``: what the
+    server takes, so a stream we create allows it.
 
     An existing stream's or consumer's config is the operator's; we only warn where it
     breaks our assumptions.
@@ -259,7 +287,8 @@ async def ensure_stream(
             storage=StorageType.FILE,
             duplicate_window=settings.duplicate_window,
             max_age=settings.max_age,
-            allow_atomic=atomic or None,
+            allow_atomic=batches.atomic or None,
+            allow_batched=batches.fast or None,
         )
         try:
             info = await js.add_stream(config)

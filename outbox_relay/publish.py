@@ -7,12 +7,14 @@ The classification is pure (:func:`classify`), so it is tested without a server;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import functools
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -23,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from outbox_relay import atomic
+from outbox_relay import atomic, fast_ingest
 from outbox_relay.errors import OutboxError
 from outbox_relay.failpoints import AFTER_PUBLISH, armed, failpoint
 from outbox_relay.headers import (
@@ -36,7 +38,7 @@ from outbox_relay.headers import (
     wire_size,
 )
 from outbox_relay.store import Failure, OutboxMessage
-from outbox_relay.subjects import validate_subject
+from outbox_relay.subjects import subject_matches, validate_subject
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ NO_RESPONDERS_STATUS = "503"
 # JetStream API errors that are about the server's state, not the message: retried
 # after an outage backoff, without counting against the row. 429 is overload and flow
 # control (10167: too many messages queued for the stream); 503 is unavailability.
+_SUBJECTS_REMEMBERED = 10_000  # distinct subjects (event types): a few, usually
 _TOO_MANY_REQUESTS = 429
 _TOO_MANY_REQUESTS_ERR_CODE = 10167
 _TRANSIENT_API_CODES = frozenset({_TOO_MANY_REQUESTS, 503})
@@ -220,6 +223,36 @@ class AckInbox:
             future.set_result(outcome)
 
 
+class FastInbox:
+    """The answers to every fast-ingest batch of one connection, on one wildcard."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._root = ""
+        self._batches: dict[str, fast_ingest.BatchState] = {}
+
+    async def start(self) -> None:
+        self._root = self._nc.new_inbox()
+        await self._nc.subscribe(f"{self._root}.>", cb=self._on_answer)
+
+    def open(self, flow: int) -> tuple[str, str, fast_ingest.BatchState]:
+        """A new batch: its id, its reply-subject prefix and its state."""
+        batch_id = uuid.uuid4().hex
+        batch = self._batches[batch_id] = fast_ingest.BatchState(flow)
+        return batch_id, fast_ingest.batch_prefix(self._root, batch_id, flow), batch
+
+    def close(self, batch_id: str) -> None:
+        self._batches.pop(batch_id, None)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        batch_id, sequence = fast_ingest.answered_message(msg.subject[len(self._root) + 1 :])
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            return
+        batch.take(sequence, fast_ingest.parse_answer(msg.data))
+        batch.changed.set()
+
+
 _InFlight = tuple[OutboxMessage, str, asyncio.Future[Ack]]
 _Prepared = tuple[OutboxMessage, dict[str, str]]
 # An atomic batch awaiting its PubAck: its rows, the commit's reply subject, the future.
@@ -242,10 +275,18 @@ class Publisher:
         *,
         ordered: bool,
         atomic: bool = False,
+        fast: bool = False,
+        subjects: Sequence[str] = (),
     ) -> None:
         self._nc = nc
+        # The stream's subjects, where known: a fast batch must not send a row the
+        # stream cannot store (another stream would answer it, outside the batch).
+        self._subjects = tuple(subjects)
+        self._in_stream: dict[str, bool] = {}
         self._ordered = ordered
         self._atomic = atomic
+        self._fast = fast
+        self._fast_inbox = FastInbox(nc)
         self._js = js
         self._stream = stream
         self._timeout = timeout
@@ -253,10 +294,15 @@ class Publisher:
 
     async def start(self) -> None:
         await self._acks.start()
+        await self._fast_inbox.start()
 
     @property
     def atomic(self) -> bool:
         return self._atomic
+
+    @property
+    def fast(self) -> bool:
+        return self._fast
 
     @property
     def connected(self) -> bool:
@@ -286,19 +332,176 @@ class Publisher:
         *,
         send_until: float | None = None,
     ) -> BatchResult:
-        """Publish a claimed batch: as atomic batches where the stream takes them, and
-        one message at a time for the rest (a batch refused whole, or no atomic publish).
+        """Publish a claimed batch: as a fast-ingest batch or as atomic batches where
+        the stream takes them, and one message at a time for the rest (a batch refused
+        whole, or neither kind of batch allowed).
 
         ``send_until`` (monotonic time) fences a relay whose claim may have lapsed:
         nothing starts after it, and the rows not sent stay in the outbox.
         """
         result = BatchResult()
         rest = messages
-        if self._atomic:
-            rest = await self._publish_atomic(messages, result, send_until)
+        if self._fast:
+            rest = await self._publish_fast(rest, result, send_until)
+        if rest and not result.transient and self._atomic:
+            rest = await self._publish_atomic(rest, result, send_until)
         if rest and not result.transient:
             await self._publish_one_by_one(rest, result, send_until)
         return result
+
+    async def _publish_fast(
+        self, messages: Sequence[OutboxMessage], result: BatchResult, send_until: float | None
+    ) -> Sequence[OutboxMessage]:
+        """Send ``messages`` as fast-ingest batches; return the rows for the next path.
+
+        The server stores a batch's messages in order as they arrive, each deduplicated
+        on its own, and ends the batch at the first it refuses: the rows before it are
+        in, that row's failure is recorded, and the rows after it go out in the next
+        batch (ordered, without the rest of the refused row's key).
+
+        A row whose subject the stream does not bind is never sent in a batch (another
+        stream, or none, would answer it, outside the batch): it goes to the next path,
+        after the batches, which tells why the server refuses it.
+        """
+        outside: list[OutboxMessage] = []
+        prepared: Sequence[_Prepared] = self._prepare_all(messages, result, outside=outside)
+        while prepared:
+            if send_until is not None and time.monotonic() > send_until:
+                return []  # the rows not sent stay in the outbox
+            prepared, next_path = await self._fast_batch(prepared, result)
+            if next_path:
+                break
+        if outside and self._ordered and result.failures:
+            # A key whose row failed in a batch holds back its later rows, these too.
+            failed = {failure.id for failure in result.failures}
+            held = {m.ordering_key for m in messages if m.id in failed}
+            outside = [m for m in outside if m.ordering_key not in held]
+        return [*(message for message, _ in prepared), *outside]
+
+    async def _fast_batch(
+        self, prepared: Sequence[_Prepared], result: BatchResult
+    ) -> tuple[Sequence[_Prepared], bool]:
+        """One fast-ingest batch: the rows still to send, and whether they are for the
+        next path (True) or for another fast batch."""
+        batch_id, prefix, batch = self._fast_inbox.open(min(len(prepared), fast_ingest.MAX_FLOW))
+        try:
+            sent = await self._send_fast(prepared, prefix, batch, result)
+            if sent:
+                await self._after_send()
+                await self._until(batch, fast_ingest.refused)
+                if batch.refused is not None and not batch.ended:
+                    # Refused before it joined the batch, the last message sent: the
+                    # server answers the batch only once it sees a message after it.
+                    await self._close_fast(prefix, sent + 1, prepared[0][0].subject)
+                    await self._until(batch)
+        finally:
+            self._fast_inbox.close(batch_id)
+        if result.transient:
+            return [], False
+        if not sent:
+            return prepared, True
+        return self._fast_outcome(batch, prepared, result)
+
+    async def _close_fast(self, prefix: str, sequence: int, subject: str) -> None:
+        with contextlib.suppress(nats.errors.Error):  # then the PubAck's wait times out
+            await self._nc.publish(
+                subject,
+                b"",
+                reply=fast_ingest.reply_subject(prefix, sequence, fast_ingest.Operation.CLOSE),
+            )
+
+    def _fast_outcome(
+        self, batch: fast_ingest.BatchState, prepared: Sequence[_Prepared], result: BatchResult
+    ) -> tuple[Sequence[_Prepared], bool]:
+        """What the server's answers to a batch sent whole mean for its rows."""
+        if batch.stored is None:
+            if batch.error is None:
+                for _ in prepared:
+                    result.add_transient("no PubAck before the publish timeout")
+                return [], False
+            if batch.error.err_code in fast_ingest.BATCHING_REFUSED:
+                self._stop_fast(classify(batch.error)[1])
+            return prepared, True  # anything already stored deduplicates there
+        stored = min(batch.stored, len(prepared))
+        result.published.extend(message.id for message, _ in prepared[:stored])
+        rest = prepared[stored:]
+        refused = batch.refused
+        if refused is None or refused.error is None or refused.sequence != stored + 1:
+            # A gap, or an answer we cannot place: the next path sorts the rest out.
+            return rest, True
+        failed = rest[0][0]
+        self._record_error(result, failed, refused.error)
+        if result.transient:
+            return [], False
+        rest = rest[1:]
+        if self._ordered and failed.ordering_key is not None:
+            rest = [(m, h) for m, h in rest if m.ordering_key != failed.ordering_key]
+        return rest, False
+
+    async def _send_fast(
+        self,
+        prepared: Sequence[_Prepared],
+        prefix: str,
+        batch: fast_ingest.BatchState,
+        result: BatchResult,
+    ) -> int:
+        """Send one fast-ingest batch within its flow window: how many messages went
+        out, 0 if it could not start (the rows for the next path, or an outage,
+        recorded as transient)."""
+        size = len(prepared)
+        sent = 0
+        for number, (message, headers) in enumerate(prepared, start=1):
+            if batch.ended or batch.refused is not None:
+                break  # the server ended it: the closing PubAck says what it stored
+            try:
+                await self._nc.publish(
+                    message.subject,
+                    message.payload,
+                    reply=fast_ingest.reply_subject(
+                        prefix, number, fast_ingest.operation(number, size)
+                    ),
+                    headers=headers,
+                )
+            except Exception as exc:  # noqa: BLE001 - every failure is classified
+                kind, reason = classify(exc)
+                if kind is Kind.TRANSIENT:
+                    for _ in prepared:
+                        result.add_transient(reason)
+                return 0
+            sent = number
+            if number == size:
+                break
+            # The first answer says whether the stream takes batches at all; then the
+            # server's flow acknowledgements pace the sending.
+            done = (
+                fast_ingest.answered
+                if number == 1
+                else functools.partial(fast_ingest.window_open, number)
+            )
+            if not await self._until(batch, done):
+                for _ in prepared:
+                    result.add_transient("no flow acknowledgement before the publish timeout")
+                return 0
+        return sent
+
+    async def _until(
+        self,
+        batch: fast_ingest.BatchState,
+        done: Callable[[fast_ingest.BatchState], bool] | None = None,
+    ) -> bool:
+        """Wait for the server's answers until ``done(batch)`` or the batch ends: False
+        if the publish timeout passed first."""
+        with anyio.move_on_after(self._timeout):
+            while not (batch.ended or (done and done(batch))):
+                batch.changed.clear()
+                await batch.changed.wait()
+            return True
+        return False
+
+    def _stop_fast(self, reason: str) -> None:
+        if self._fast:
+            self._fast = False
+            log.warning("fast-ingest batch publish off for stream %s (%s)", self._stream, reason)
 
     async def _publish_atomic(
         self, messages: Sequence[OutboxMessage], result: BatchResult, send_until: float | None
@@ -331,10 +534,16 @@ class Publisher:
         return []
 
     def _prepare_all(
-        self, messages: Sequence[OutboxMessage], result: BatchResult
+        self,
+        messages: Sequence[OutboxMessage],
+        result: BatchResult,
+        *,
+        outside: list[OutboxMessage] | None = None,
     ) -> list[_Prepared]:
         """The rows that can be sent, with their headers; ordered, a row that cannot
-        holds back the later rows of its key (left in the outbox, as a wave would)."""
+        holds back the later rows of its key (left in the outbox, as a wave would).
+        ``outside`` collects, instead, the rows whose subject the stream does not bind
+        (they hold back their key likewise)."""
         prepared: list[_Prepared] = []
         held: set[str] = set()
         for message in messages:
@@ -342,6 +551,9 @@ class Publisher:
             if key is not None and key in held:
                 continue
             headers = self._prepare(message, result)
+            if headers is not None and outside is not None and not self._stream_binds(message):
+                outside.append(message)
+                headers = None
             if headers is not None:
                 prepared.append((message, headers))
             elif key is not None:
@@ -477,6 +689,18 @@ class Publisher:
         await self._wait([future for _, _, future in in_flight])
         await self._collect(in_flight, result)
         return set(result.published[already:])
+
+    def _stream_binds(self, message: OutboxMessage) -> bool:
+        if not self._subjects:
+            return True  # not known: the server's answer tells
+        subject = message.subject
+        binds = self._in_stream.get(subject)
+        if binds is None:
+            if len(self._in_stream) > _SUBJECTS_REMEMBERED:
+                self._in_stream.clear()
+            binds = any(subject_matches(pattern, subject) for pattern in self._subjects)
+            self._in_stream[subject] = binds
+        return binds
 
     def _prepare(self, message: OutboxMessage, result: BatchResult) -> dict[str, str] | None:
         """The headers to send ``message`` with, or None with the row's failure recorded."""

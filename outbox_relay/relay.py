@@ -27,10 +27,11 @@ from outbox_relay.database import connect_postgres, connected_to
 from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
 from outbox_relay.failpoints import AFTER_ACK, AFTER_CLAIM, failpoint
 from outbox_relay.jetstream import (
-    atomic_publish_note,
-    atomic_publish_supported,
+    batch_support,
     connect_nats,
     ensure_stream,
+    publish_note,
+    stream_batches,
 )
 from outbox_relay.logs import relay_id_context
 from outbox_relay.metrics import RelayMetrics, RelayState
@@ -217,10 +218,10 @@ class Relay:
         settings = self.settings
         nc = await connect_nats(settings, name=f"outbox-relay {self.relay_id}")
         try:
-            supported = atomic_publish_supported(nc)
-            status = await ensure_stream(nc.jetstream(), settings, atomic=supported)
+            status = await ensure_stream(nc.jetstream(), settings, batches=batch_support(nc))
             log.info("%s", status.describe())
-            log.info("%s", atomic_publish_note(status.config, nc))
+            log.info("%s", publish_note(status.config, nc))
+            batches = stream_batches(status.config, nc)
             # Rows over it (with their headers) are dead-lettered, not sent.
             log.info("NATS server max_payload: %d bytes", nc.max_payload)
             for warning in status.warnings:
@@ -231,7 +232,9 @@ class Relay:
                 settings.stream,
                 settings.publish_timeout,
                 ordered=settings.ordered,
-                atomic=supported and status.allows_atomic,
+                atomic=batches.atomic,
+                fast=batches.fast,
+                subjects=status.config.subjects or (),
             )
             await publisher.start()
         except BaseException:

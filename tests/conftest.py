@@ -12,7 +12,7 @@ from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.jetstream import atomic_publish_supported, connect_nats, server_version
+from outbox_relay.jetstream import batch_support, connect_nats, server_version
 from outbox_relay.schema import migrate
 from tests.noetl import migrated
 from tests.servers import Servers, test_servers
@@ -108,10 +108,21 @@ async def nc(servers: Servers) -> AsyncIterator[NATS]:
 def atomic_server(nc: NATS) -> None:
     """Skip where the test servers' nats-server predates atomic batch publish: the
     embedded one (the suite's default, and .ci/run's first pass) has it."""
-    if not atomic_publish_supported(nc):
+    if not batch_support(nc).atomic:
         pytest.skip(
             f"nats-server {'.'.join(map(str, server_version(nc)))} predates atomic batch publish "
             "(2.12.1); the embedded nats-server runs these tests"
+        )
+
+
+@pytest.fixture
+def fast_server(nc: NATS) -> None:
+    """Skip where the test servers' nats-server predates fast-ingest batch publish: the
+    embedded one (the suite's default, and .ci/run's first pass) has it."""
+    if not batch_support(nc).fast:
+        pytest.skip(
+            f"nats-server {'.'.join(map(str, server_version(nc)))} predates fast-ingest "
+            "batch publish (2.14); the embedded nats-server runs these tests"
         )
 
 

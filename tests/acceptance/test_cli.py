@@ -117,8 +117,8 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
         event = orjson.loads(message.data)
         assert message.header is not None
         assert message.header.pop("Outbox-Sequence").isdigit()
-        # Stored as atomic batches (nats-server >= 2.12.1: the stream the relay created
-        # allows them), the batch headers stay on each message.
+        # Stored as atomic batches (a stream that allows those and not fast-ingest
+        # ones), the batch headers stay on each message.
         if (batch_id := message.header.pop(BATCH_ID_HEADER, None)) is not None:
             assert len(batch_id) == 32
             assert message.header.pop(BATCH_SEQUENCE_HEADER).isdigit()

@@ -111,24 +111,31 @@ async def test_check_prints_max_payload_and_warns_when_producers_may_exceed_it(
     assert "warning" not in (await outbox_relay("check", env=env_for(outbox))).stderr
 
 
-@pytest.mark.usefixtures("atomic_server")
-@pytest.mark.parametrize("allowed", [False, True])
-async def test_check_says_whether_the_stream_takes_atomic_batches(
-    outbox: Settings, nc: NATS, allowed: bool
+@pytest.mark.usefixtures("fast_server")
+@pytest.mark.parametrize(
+    ("allowed", "path", "advice"),
+    [
+        ("none", "does not allow fast-ingest batch publish: one PubAck per", True),
+        ("atomic", "does not allow fast-ingest batch publish: each claim is one atomic", True),
+        ("batched", "allows fast-ingest batch publish: each claim is one flow-controlled", False),
+    ],
+)
+async def test_check_says_which_batches_the_stream_takes(
+    outbox: Settings, nc: NATS, allowed: str, path: str, advice: bool
 ) -> None:
     # An existing stream is the operator's: check tells what allowing batches gains.
     await nc.jetstream().add_stream(
         StreamConfig(
-            name=outbox.stream, subjects=[outbox.subject_wildcard], allow_atomic=allowed or None
+            name=outbox.stream,
+            subjects=[outbox.subject_wildcard],
+            allow_atomic=allowed == "atomic" or None,
+            allow_batched=allowed == "batched" or None,
         )
     )
     result = await outbox_relay("check", env=env_for(outbox))
     assert result.returncode == 0, result.stderr
-    if allowed:
-        assert f"stream {outbox.stream} allows atomic batch publish" in result.stdout
-    else:
-        assert f"stream {outbox.stream} does not allow atomic batch publish" in result.stdout
-        assert "Set allow_atomic: true on it" in result.stdout
+    assert f"nats publish: stream {outbox.stream} {path}" in result.stdout
+    assert ("Set allow_batched: true on it" in result.stdout) is advice
 
 
 @pytest.mark.parametrize(

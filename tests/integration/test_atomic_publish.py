@@ -1,5 +1,9 @@
 """Atomic batch publish: a claim stored as one batch where the stream allows it, one
-message at a time for a batch refused whole and on servers without it (nats-server 2.9)."""
+message at a time for a batch refused whole and on servers without it (nats-server 2.9).
+
+The streams here allow atomic batches only, as an operator's may: one the relay creates
+on nats-server 2.14 or later also allows fast-ingest batches, which it prefers
+(tests/integration/test_fast_ingest.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from psycopg.types.json import Jsonb
 from outbox_relay.atomic import BATCH_ID_HEADER
 from outbox_relay.config import Settings
 from outbox_relay.embedded import EmbeddedNats
-from outbox_relay.jetstream import connect_nats, ensure_stream
+from outbox_relay.jetstream import BatchSupport, connect_nats, ensure_stream
 from outbox_relay.publish import Publisher
 from outbox_relay.store import OutboxMessage
 from tests.helpers import drained, lag, producer_for, running_relay, stream_messages, wait_until
@@ -29,14 +33,14 @@ Rows = Sequence[tuple[str, str | None]]  # (msg id, ordering key)
 ROWS = [(f"r-{n}", ("hot" if n % 3 else "calm") if n % 5 else None) for n in range(1, 31)]
 
 
-def _enqueue(settings: Settings, rows: Rows, subject: str = "") -> None:
+def _enqueue(settings: Settings, rows: Rows, subject: str = "", payload: bytes = b"{}") -> None:
     producer = producer_for(settings)
     with psycopg.connect(settings.database_url) as conn:  # one commit: one claim sees all
         for msg_id, key in rows:
             producer.enqueue(
                 conn,
                 subject=subject or f"{settings.subject_prefix}.ok",
-                payload=b"{}",
+                payload=payload,
                 msg_id=msg_id,
                 ordering_key=key,
             )
@@ -71,7 +75,13 @@ def _sequences_increase_per_key(messages: list[Msg]) -> bool:
     return True
 
 
-@pytest.mark.usefixtures("atomic_server")
+@pytest.fixture
+async def atomic_stream(outbox: Settings, nc: NATS, atomic_server: None) -> None:
+    """The stream, allowing atomic batches and no others."""
+    await ensure_stream(nc.jetstream(), outbox, batches=BatchSupport(atomic=True))
+
+
+@pytest.mark.usefixtures("atomic_stream")
 async def test_a_claim_is_stored_as_one_atomic_batch_in_order(outbox: Settings, nc: NATS) -> None:
     _enqueue(outbox, ROWS)
     async with running_relay(outbox):
@@ -80,11 +90,9 @@ async def test_a_claim_is_stored_as_one_atomic_batch_in_order(outbox: Settings, 
     assert _ids(stored) == [msg_id for msg_id, _ in ROWS]
     assert len(_batch_ids(stored) - {None}) == 1  # one claim, one batch, one PubAck
     assert _sequences_increase_per_key(stored)
-    # The relay created the stream, on a server that takes batches: it allows them.
-    assert (await nc.jetstream().stream_info(outbox.stream)).config.allow_atomic
 
 
-@pytest.mark.usefixtures("atomic_server")
+@pytest.mark.usefixtures("atomic_stream")
 @pytest.mark.parametrize("ordered", [True, False])
 async def test_a_claim_over_the_server_limit_is_split_into_full_batches(
     outbox: Settings, nc: NATS, ordered: bool
@@ -101,12 +109,11 @@ async def test_a_claim_over_the_server_limit_is_split_into_full_batches(
     assert len(_batch_ids(stored)) == 3
 
 
-@pytest.mark.usefixtures("atomic_server")
+@pytest.mark.usefixtures("atomic_stream")
 async def test_a_batch_refused_for_a_stored_msg_id_goes_one_by_one(
     outbox: Settings, nc: NATS
 ) -> None:
     # As after a crash between the publish and the delete: r-7 is already stored.
-    await ensure_stream(nc.jetstream(), outbox, atomic=True)
     await nc.jetstream().publish(
         f"{outbox.subject_prefix}.ok", b"{}", headers={"Nats-Msg-Id": "r-7"}
     )
@@ -129,7 +136,7 @@ async def test_a_batch_refused_for_a_stored_msg_id_goes_one_by_one(
     assert None not in _batch_ids(stored[-2:])
 
 
-@pytest.mark.usefixtures("atomic_server")
+@pytest.mark.usefixtures("atomic_stream")
 async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     outbox: Settings, nc: NATS
 ) -> None:
@@ -155,7 +162,7 @@ async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     assert (await lag(settings)).pending == 1
 
 
-@pytest.mark.usefixtures("atomic_server")
+@pytest.mark.usefixtures("atomic_stream")
 async def test_a_row_that_cannot_be_sent_holds_back_its_key_in_the_batch(
     outbox: Settings, nc: NATS
 ) -> None:
