@@ -23,7 +23,7 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
-from outbox_relay.jetstream import ensure_stream
+from outbox_relay.jetstream import BatchSupport, ensure_stream
 from outbox_relay.schema import migrate
 
 
@@ -115,21 +115,22 @@ async def process_drain(
     rows: int,
     fill: Callable[[], Awaitable[None]],
     *,
-    atomic: bool = True,
+    stream: BatchSupport | None = None,
     **env: str,
 ) -> ProcessDrain:
     """``outbox-relay run`` as the user runs it, timed from the commit of ``fill``
     (which writes ``rows`` rows) until the stream holds every one.
 
     The relay is started and idle first, so its start-up is not in the figure.
-    ``atomic=False`` makes the stream first, without atomic publish, as an operator's
-    existing stream: the relay then publishes one message at a time.
+    ``stream`` makes the stream first, allowing just those batches, as an operator's
+    existing stream (``BatchSupport()``: none, one PubAck per message); by default the
+    relay creates it, allowing every kind the server takes.
     """
     nc = await nats.connect(settings.nats_urls[0])
     try:
         js = nc.jetstream()
-        if not atomic:
-            await ensure_stream(js, settings)
+        if stream is not None:
+            await ensure_stream(js, settings, batches=stream)
         relay = await start_relay(settings, **env)
         try:
             while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls

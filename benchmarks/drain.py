@@ -32,6 +32,7 @@ from benchmarks.common import fresh_outbox, process_drain, servers
 from benchmarks.peers import PeerDrain, timed_drain
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
+from outbox_relay.jetstream import BatchSupport
 from outbox_relay.relay import Relay
 
 
@@ -97,9 +98,14 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
     return rows / elapsed
 
 
-# ``outbox-relay run`` as its own process: on a stream it creates (atomic batches where
-# the server takes them), and on an existing stream without atomic publish.
-PROCESSES = {"outbox-relay run": True, "outbox-relay run, 1 PubAck/msg": False}
+# ``outbox-relay run`` as its own process: on a stream it creates (fast-ingest batches
+# where the server takes them, nats-server 2.14), and on existing streams that allow
+# atomic batches only, or no batches (one PubAck per message).
+PROCESSES: dict[str, BatchSupport | None] = {
+    "outbox-relay run": None,
+    "outbox-relay run, atomic batches": BatchSupport(atomic=True),
+    "outbox-relay run, 1 PubAck/msg": BatchSupport(),
+}
 
 
 async def main(rows: int, payload: int, rounds: int, *, with_peers: bool = True) -> dict[str, Any]:
@@ -115,10 +121,10 @@ async def main(rows: int, payload: int, rounds: int, *, with_peers: bool = True)
         cpu: dict[str, list[float]] = {name: [] for name in PROCESSES}
         for _ in range(rounds):
             rates["nats-py ceiling"].append(await nats_ceiling(nats_url, rows, payload))
-            for name, atomic in PROCESSES.items():
+            for name, stream in PROCESSES.items():
                 settings = await fresh_outbox(database_url, nats_url)
                 fill = functools.partial(preload, settings, rows, payload, analyze=False)
-                drained = await process_drain(settings, rows, fill, atomic=atomic)
+                drained = await process_drain(settings, rows, fill, stream=stream)
                 rates[name].append(drained.rows_per_s)
                 cpu[name].append(drained.cpu_per_100k(rows))
             for name, drain in drains.items():

@@ -2,9 +2,9 @@
 
 The same 300 B rows, spread round robin over 1 (a single hot key), 97 and 1,000
 keys, drained by ``outbox-relay run`` as its own process, ordered and unordered,
-alternating round by round, and the hot key once more on an existing stream without
-atomic publish (one PubAck per message); the relay's CPU time per 100,000 rows beside
-each::
+alternating round by round, and the hot key once more on existing streams that allow
+atomic batches only and no batches (one PubAck per message); the relay's CPU time per
+100,000 rows beside each::
 
     .venv/bin/python -m benchmarks.ordered --rows 100000 --keys 1 97 1000 --rounds 3
 """
@@ -21,25 +21,37 @@ import anyio
 
 from benchmarks.common import fresh_outbox, process_drain, servers
 from benchmarks.drain import preload
+from outbox_relay.jetstream import BatchSupport
+
+# The relay's own stream (every batch kind the server takes), or an existing one.
+STREAMS = {
+    "": None,
+    "atomic batches": BatchSupport(atomic=True),
+    "1 PubAck/msg": BatchSupport(),
+}
 
 
 async def main(rows: int, keys: list[int], rounds: int) -> dict[str, Any]:
     # "unordered" ignores keys, so one key count stands for all.
-    cells = [("unordered", keys[-1], True), *(("ordered", k, True) for k in keys)]
-    cells.append(("ordered", keys[0], False))
+    cells: list[tuple[str, int, str]] = [
+        ("unordered", keys[-1], ""),
+        *(("ordered", k, "") for k in keys),
+        ("ordered", keys[0], "atomic batches"),
+        ("ordered", keys[0], "1 PubAck/msg"),
+    ]
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         for _ in range(rounds):
-            for mode, count, atomic in cells:
+            for mode, count, path in cells:
                 name = mode if mode == "unordered" else f"ordered, {count} keys"
-                name += "" if atomic else ", 1 PubAck/msg"
+                name += f", {path}" if path else ""
                 settings = await fresh_outbox(database_url, nats_url)
                 fill = functools.partial(preload, settings, rows, 300, keys=count, analyze=False)
                 ordering = "true" if mode == "ordered" else "false"
                 drained = await process_drain(
-                    settings, rows, fill, atomic=atomic, OUTBOX_ORDERING=ordering
+                    settings, rows, fill, stream=STREAMS[path], OUTBOX_ORDERING=ordering
                 )
                 rates.setdefault(name, []).append(drained.rows_per_s)
                 cpu.setdefault(name, []).append(drained.cpu_per_100k(rows))

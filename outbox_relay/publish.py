@@ -473,11 +473,12 @@ class Publisher:
                 break
             # The first answer says whether the stream takes batches at all; then the
             # server's flow acknowledgements pace the sending.
-            done = (
-                fast_ingest.answered
-                if number == 1
-                else functools.partial(fast_ingest.window_open, number)
-            )
+            if number == 1:
+                done = fast_ingest.answered
+            elif fast_ingest.window_open(number, batch):
+                continue  # most messages: no wait, so no timer either
+            else:
+                done = functools.partial(fast_ingest.window_open, number)
             if not await self._until(batch, done):
                 for _ in prepared:
                     result.add_transient("no flow acknowledgement before the publish timeout")
