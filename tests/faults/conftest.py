@@ -19,7 +19,7 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
-from outbox_relay.jetstream import connect_nats
+from outbox_relay.jetstream import BatchSupport, batch_support, connect_nats, ensure_stream
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import RelayProcess
@@ -86,6 +86,27 @@ async def on_own_nats(servers: Servers, own_nats: EmbeddedNats) -> Settings:
 @pytest.fixture
 async def on_shared(servers: Servers) -> Settings:
     return await migrated(make_settings(servers, publish_timeout=2.0))
+
+
+# The publish paths (README: Performance): the relay's own stream takes fast-ingest
+# batches (nats-server 2.14); an operator's stream may allow atomic batches only, or none.
+PUBLISH_PATHS = {
+    "fast-ingest": None,
+    "atomic": BatchSupport(atomic=True),
+    "one by one": BatchSupport(),
+}
+
+
+@pytest.fixture(params=list(PUBLISH_PATHS))
+async def on_each_path(on_shared: Settings, nc: NATS, request: pytest.FixtureRequest) -> Settings:
+    """``on_shared``, the stream made first for the publish path (or by the relay)."""
+    stream = PUBLISH_PATHS[request.param]
+    wanted, server = stream or BatchSupport(fast=True), batch_support(nc)
+    if (wanted.fast and not server.fast) or (wanted.atomic and not server.atomic):
+        pytest.skip(f"nats-server {nc.connected_server_version} predates {request.param} batches")
+    if stream is not None:
+        await ensure_stream(nc.jetstream(), on_shared, batches=stream)
+    return on_shared
 
 
 @pytest.fixture(params=EVENT_TABLES)

@@ -32,9 +32,9 @@ def duplicates_reported(log: str) -> int:
 
 @pytest.mark.parametrize("point", POINTS)
 async def test_kill_9_at_each_failpoint_then_restart(
-    on_shared: Settings, tmp_path: Path, point: str
+    on_each_path: Settings, tmp_path: Path, point: str, request: pytest.FixtureRequest
 ) -> None:
-    settings = on_shared
+    settings = on_each_path
     emit_events(settings, 300)
     env = env_for(settings, OUTBOX_BATCH_SIZE="50")
     with relay_process({**env, "OUTBOX_FAILPOINT": point}, tmp_path / "crash.log") as crashed:
@@ -45,11 +45,16 @@ async def test_kill_9_at_each_failpoint_then_restart(
         await wait_until(lambda: drained(settings), within=30)
         relay.signal(signal.SIGTERM)
         assert relay.wait(timeout=15) == 0
-    await assert_nothing_lost_or_doubled(f"kill -9 {point}, restart", settings)
+    path = request.node.callspec.params["on_each_path"]
+    await assert_nothing_lost_or_doubled(f"kill -9 {point}, restart, {path}", settings)
     # The restarted relay publishes the crashed batch again; JetStream reports the
     # copies it already held as duplicates and stores nothing twice.
     duplicates = duplicates_reported(relay.output())
-    if point == AFTER_CLAIM:
+    if path == "fast-ingest":
+        # The server deduplicates a fast batch's messages without saying which: the
+        # relay cannot count them (verify above is the check).
+        assert duplicates == 0
+    elif point == AFTER_CLAIM:
         assert duplicates == 0
     elif point == AFTER_ACK:
         assert duplicates == 50
