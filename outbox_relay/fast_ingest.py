@@ -165,10 +165,6 @@ def refused(batch: BatchState) -> bool:
     return batch.refused is not None
 
 
-def answered(batch: BatchState) -> bool:
-    return batch.answered or batch.refused is not None
-
-
 def window_open(sent: int, batch: BatchState) -> bool:
     """Fewer than the allowed windows of the ``sent`` messages await acknowledgement."""
     return batch.acknowledged + batch.flow * WINDOWS > sent or batch.refused is not None
