@@ -22,6 +22,7 @@ import psycopg
 
 from outbox_relay import config
 from outbox_relay.config import (
+    DEFAULT_BATCH_SIZE,
     DurableConsumer,
     NatsAuth,
     Settings,
@@ -187,7 +188,7 @@ RELAY_OPTIONS = [
         "--batch-size",
         envvar="OUTBOX_BATCH_SIZE",
         type=int,
-        default=500,
+        default=DEFAULT_BATCH_SIZE,
         help="Rows claimed and published per transaction.",
     ),
     _option(
