@@ -29,20 +29,19 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import nats
 import nats.errors
-import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from benchmarks.common import interleaved_medians
-from outbox_relay import atomic
+from outbox_relay import atomic, fast_ingest
 from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import server_version
 from outbox_relay.publish import MSG_ID_HEADER, Ack, AckInbox
@@ -51,43 +50,16 @@ MODES = ("publish_async", "atomic", "fast")
 ATOMIC_IN_FLIGHT = 4  # batches awaiting their PubAck: 4,000 messages, as publish_async
 ACK_TIMEOUT = 5.0  # seconds any one acknowledgement may take before the mode fails
 
-# Fast ingest (ADR-50 "Fast-ingest Batch Publishing", nats-server 2.14). No batch
-# headers: every message of a batch carries the batch's metadata in its reply subject,
-#   <prefix>.<flow>.<gap>.<batch sequence>.<operation>.$FI
-# where <prefix> has at least two tokens and its last one is the batch id (at most 64
-# characters), <flow> the most messages the client lets pass between two flow acks,
-# <gap> "fail" (the batch ends at the first missing sequence) or "ok". The server
-# answers on the reply subject of the message that prompted the answer, with JSON:
-#   {"type":"ack","seq":S,"msgs":F}  to the first message, then every F messages (F at
-#                                    most the requested flow; 2.14 caps it at 500)
-#   {"type":"gap","last_seq":L,"seq":S} / {"type":"err","seq":S,"error":{...}}
-#                                    the batch ends (in "fail" mode), then a PubAck
-#                                    counts what it stored
-#   {"stream":..,"seq":..,"batch":..,"count":N}  the PubAck ending the batch
-#   {"error":{...}}                  a message refused: 10205 stream without allow_batched,
-#                                    10206 bad reply pattern, 10208 unknown batch
-FAST_START, FAST_APPEND, FAST_COMMIT, FAST_COMMIT_EOB, FAST_PING = range(5)
-FAST_SINCE = (2, 14, 0)
-FAST_MAX_OUTSTANDING_ACKS = 2  # flow windows in flight (ADR-50 clients' default)
+# Fast ingest (ADR-50, nats-server 2.14): the protocol's rules are the relay's own,
+# in outbox_relay.fast_ingest; this publisher drives them with plain nats-py.
 
 
 class ModeFailed(Exception):
     """A mode that did not store exactly what it sent: reported, never timed."""
 
 
-@dataclass(slots=True)
-class _FastBatch:
-    flow: int
-    acked: int = 0  # highest batch sequence the server has acknowledged
-    started: bool = False
-    pub_ack: dict[str, Any] | None = None
-    error: str = ""
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _window_open(batch: _FastBatch, sent: int) -> bool:
-    """Whether fewer than ``flow`` x 2 of the ``sent`` messages await a flow ack."""
-    return batch.acked + batch.flow * FAST_MAX_OUTSTANDING_ACKS > sent
+def _answered(batch: fast_ingest.BatchState) -> bool:
+    return batch.answered
 
 
 class FastPublisher:
@@ -99,7 +71,7 @@ class FastPublisher:
         self._nc = nc
         self._flow = flow
         self._root = ""
-        self._batches: dict[str, _FastBatch] = {}
+        self._batches: dict[str, fast_ingest.BatchState] = {}
 
     async def start(self) -> None:
         self._root = self._nc.new_inbox()
@@ -108,43 +80,48 @@ class FastPublisher:
     async def publish(self, subject: str, payload: bytes, msg_ids: Sequence[str]) -> None:
         """Store ``msg_ids`` as one batch; :class:`ModeFailed` unless all were stored."""
         batch_id = uuid.uuid4().hex
-        batch = self._batches[batch_id] = _FastBatch(self._flow)
-        prefix = f"{self._root}.{batch_id}.{self._flow}.fail."
+        batch = self._batches[batch_id] = fast_ingest.BatchState(self._flow)
+        prefix = fast_ingest.batch_prefix(self._root, batch_id, self._flow)
+        size = len(msg_ids)
         try:
             for sequence, msg_id in enumerate(msg_ids, start=1):
-                last = sequence == len(msg_ids)
-                operation = FAST_COMMIT if last else FAST_APPEND if sequence > 1 else FAST_START
                 await self._nc.publish(
                     subject,
                     payload,
-                    reply=f"{prefix}{sequence}.{operation}.$FI",
+                    reply=fast_ingest.reply_subject(
+                        prefix, sequence, fast_ingest.operation(sequence, size)
+                    ),
                     headers={MSG_ID_HEADER: msg_id},
                 )
-                if last:
+                if sequence == size:
                     break
                 if sequence == 1:  # the first answer tells whether the stream takes it
-                    await self._until(batch, subject, prefix, sequence, lambda: batch.started)
-                elif not _window_open(batch, sequence):
-                    opened = functools.partial(_window_open, batch, sequence)
+                    await self._until(batch, subject, prefix, sequence, _answered)
+                elif not fast_ingest.window_open(sequence, batch):
+                    opened = functools.partial(fast_ingest.window_open, sequence)
                     await self._until(batch, subject, prefix, sequence, opened)
-            await self._until(batch, subject, prefix, 0, lambda: batch.pub_ack is not None)
+            await self._until(batch, subject, prefix, 0, lambda b: b.ended)
         finally:
             del self._batches[batch_id]
-        assert batch.pub_ack is not None
-        if batch.pub_ack.get("batch") != batch_id or batch.pub_ack.get("count") != len(msg_ids):
-            raise ModeFailed(f"fast batch of {len(msg_ids)} acknowledged as {batch.pub_ack}")
+        if batch.stored != size:
+            raise ModeFailed(f"fast batch of {size} acknowledged as storing {batch.stored}")
 
     async def _until(
-        self, batch: _FastBatch, subject: str, prefix: str, ping_at: int, done: Callable[[], bool]
+        self,
+        batch: fast_ingest.BatchState,
+        subject: str,
+        prefix: str,
+        ping_at: int,
+        done: Callable[[fast_ingest.BatchState], bool],
     ) -> None:
-        """Wait until ``done()``, pinging a third of the way to the deadline (a lost flow
-        ack must not stall the batch; ``ping_at`` 0: after the commit, where pings are
-        no use, as the server does not send a lost PubAck again)."""
+        """Wait until ``done(batch)``, pinging a third of the way to the deadline (a lost
+        flow ack must not stall the batch; ``ping_at`` 0: after the commit, where pings
+        are no use, as the server does not send a lost PubAck again)."""
         deadline = time.monotonic() + ACK_TIMEOUT
         while True:
-            if batch.error:
-                raise ModeFailed(batch.error)
-            if done():
+            if batch.error is not None or batch.refused is not None:
+                raise ModeFailed(f"fast batch refused: {batch.error or batch.refused}")
+            if done(batch):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -153,25 +130,15 @@ class FastPublisher:
             with anyio.move_on_after(min(remaining, ACK_TIMEOUT / 3)) as waited:
                 await batch.changed.wait()
             if waited.cancel_called and ping_at:
-                await self._nc.publish(subject, b"", reply=f"{prefix}{ping_at}.{FAST_PING}.$FI")
+                ping = fast_ingest.reply_subject(prefix, ping_at, fast_ingest.Operation.PING)
+                await self._nc.publish(subject, b"", reply=ping)
 
     async def _on_reply(self, msg: Msg) -> None:
-        batch = self._batches.get(msg.subject[len(self._root) + 1 :].split(".", 1)[0])
+        batch_id, sequence = fast_ingest.answered_message(msg.subject[len(self._root) + 1 :])
+        batch = self._batches.get(batch_id)
         if batch is None:
             return
-        try:
-            reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            reply = {"error": {"description": f"unreadable answer {msg.data!r}"}}
-        kind = reply.get("type")
-        if kind == "ack":
-            batch.started = True
-            batch.acked = max(batch.acked, int(reply["seq"]))
-            batch.flow = max(1, int(reply["msgs"]))  # the server may lower the flow
-        elif kind in ("gap", "err") or "error" in reply:
-            batch.error = batch.error or f"fast batch refused: {msg.data.decode()}"
-        else:
-            batch.pub_ack = reply
+        batch.take(sequence, fast_ingest.parse_answer(msg.data))
         batch.changed.set()
 
 
@@ -229,7 +196,7 @@ async def atomic_mode(nc: NATS, subject: str, payload: bytes, n: int) -> None:
 async def fast_mode(
     nc: NATS, subject: str, payload: bytes, n: int, *, batch_size: int, flow: int
 ) -> None:
-    if server_version(nc) < FAST_SINCE:
+    if not fast_ingest.server_supports(server_version(nc)):
         version = ".".join(map(str, server_version(nc)))
         raise ModeFailed(f"nats-server {version} predates fast ingest (2.14.0)")
     publisher = FastPublisher(nc, flow=flow)

@@ -45,6 +45,7 @@ class Operation(enum.IntEnum):
     APPEND = 1
     COMMIT = 2  # store this message and end the batch
     CLOSE = 3  # end the batch without storing this message
+    PING = 4  # ask again for the latest flow acknowledgement
 
 
 def server_supports(version: tuple[int, int, int]) -> bool:
