@@ -104,26 +104,26 @@ async def nc(servers: Servers) -> AsyncIterator[NATS]:
     await client.close()
 
 
+def skip_unless_server_takes(nc: NATS, kind: str) -> None:
+    """Skip where the test servers' nats-server predates ``kind`` batch publish
+    ("atomic" or "fast-ingest"): the embedded one (the suite's default, and .ci/run's
+    first pass) takes both."""
+    server, since = batch_support(nc), {"atomic": "2.12.1", "fast-ingest": "2.14"}[kind]
+    if not (server.fast if kind == "fast-ingest" else server.atomic):
+        pytest.skip(
+            f"nats-server {'.'.join(map(str, server_version(nc)))} predates {kind} batch "
+            f"publish ({since}); the embedded nats-server runs these tests"
+        )
+
+
 @pytest.fixture
 def atomic_server(nc: NATS) -> None:
-    """Skip where the test servers' nats-server predates atomic batch publish: the
-    embedded one (the suite's default, and .ci/run's first pass) has it."""
-    if not batch_support(nc).atomic:
-        pytest.skip(
-            f"nats-server {'.'.join(map(str, server_version(nc)))} predates atomic batch publish "
-            "(2.12.1); the embedded nats-server runs these tests"
-        )
+    skip_unless_server_takes(nc, "atomic")
 
 
 @pytest.fixture
 def fast_server(nc: NATS) -> None:
-    """Skip where the test servers' nats-server predates fast-ingest batch publish: the
-    embedded one (the suite's default, and .ci/run's first pass) has it."""
-    if not batch_support(nc).fast:
-        pytest.skip(
-            f"nats-server {'.'.join(map(str, server_version(nc)))} predates fast-ingest "
-            "batch publish (2.14); the embedded nats-server runs these tests"
-        )
+    skip_unless_server_takes(nc, "fast-ingest")
 
 
 @pytest.fixture

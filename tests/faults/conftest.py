@@ -19,11 +19,11 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
-from outbox_relay.jetstream import BatchSupport, batch_support, connect_nats, ensure_stream
+from outbox_relay.jetstream import BatchSupport, connect_nats, ensure_stream
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import RelayProcess
-from tests.conftest import make_settings
+from tests.conftest import make_settings, skip_unless_server_takes
 from tests.helpers import drained, fetch_all, wait_until
 from tests.noetl import EVENT_TABLES, event_columns
 from tests.noetl import migrated as migrated_over
@@ -101,9 +101,8 @@ PUBLISH_PATHS = {
 async def on_each_path(on_shared: Settings, nc: NATS, request: pytest.FixtureRequest) -> Settings:
     """``on_shared``, the stream made first for the publish path (or by the relay)."""
     stream = PUBLISH_PATHS[request.param]
-    wanted, server = stream or BatchSupport(fast=True), batch_support(nc)
-    if (wanted.fast and not server.fast) or (wanted.atomic and not server.atomic):
-        pytest.skip(f"nats-server {nc.connected_server_version} predates {request.param} batches")
+    if request.param != "one by one":
+        skip_unless_server_takes(nc, request.param)
     if stream is not None:
         await ensure_stream(nc.jetstream(), on_shared, batches=stream)
     return on_shared
