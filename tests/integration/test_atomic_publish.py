@@ -7,9 +7,10 @@ on nats-server 2.14 or later also allows fast-ingest batches, which it prefers
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def _sequences_increase_per_key(messages: list[Msg]) -> bool:
                 return False
             last[key] = sequence
     return True
+
+
+@contextlib.asynccontextmanager
+async def _bad_row_in_another_stream(settings: Settings, nc: NATS) -> AsyncIterator[None]:
+    """Rows of keys x, y and keyless, x-bad among them, whose subject another stream
+    binds (Nats-Expected-Stream refuses it); the other stream is gone afterwards."""
+    other = f"{settings.stream}_other"
+    js = nc.jetstream()
+    await js.add_stream(name=other, subjects=[f"{other}.>"])
+    try:
+        _enqueue(settings, [("x-1", "x"), ("y-1", "y"), ("k-1", None)])
+        _enqueue(settings, [("x-bad", "x")], subject=f"{other}.taken")
+        _enqueue(settings, [("x-2", "x"), ("y-2", "y"), ("k-2", None)])
+        yield
+    finally:
+        await js.delete_stream(other)
 
 
 @pytest.fixture
@@ -141,19 +158,9 @@ async def test_one_bad_row_refuses_its_batch_and_holds_back_only_its_key(
     outbox: Settings, nc: NATS
 ) -> None:
     settings = replace(outbox, max_attempts=1)
-    # Another stream binds the bad row's subject: Nats-Expected-Stream refuses it.
-    other = f"{settings.stream}_other"
-    js = nc.jetstream()
-    await js.add_stream(name=other, subjects=[f"{other}.>"])
-    try:
-        _enqueue(settings, [("x-1", "x"), ("y-1", "y"), ("k-1", None)])
-        _enqueue(settings, [("x-bad", "x")], subject=f"{other}.taken")
-        _enqueue(settings, [("x-2", "x"), ("y-2", "y"), ("k-2", None)])
-        async with running_relay(settings):
-            await wait_until(lambda: _dead_letters_are(settings, 1))
-            await wait_until(lambda: _held_is(settings, 1))
-    finally:
-        await js.delete_stream(other)
+    async with _bad_row_in_another_stream(settings, nc), running_relay(settings):
+        await wait_until(lambda: _dead_letters_are(settings, 1))
+        await wait_until(lambda: _held_is(settings, 1))
     stored = await stream_messages(nc, settings)
     # x-2 waits behind the dead letter (hold); everything else went out, each key in order.
     sent = [("x-1", "x"), ("y-1", "y"), ("k-1", None), ("y-2", "y"), ("k-2", None)]

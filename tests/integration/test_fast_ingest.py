@@ -17,6 +17,7 @@ from outbox_relay.store import OutboxMessage
 from tests.helpers import drained, fetch_all, lag, running_relay, stream_messages, wait_until
 from tests.integration.test_atomic_publish import (
     ROWS,
+    _bad_row_in_another_stream,
     _batch_ids,
     _by_key,
     _dead_letters_are,
@@ -89,20 +90,10 @@ async def test_one_bad_row_ends_the_batch_and_holds_back_only_its_key(
     outbox: Settings, nc: NATS
 ) -> None:
     settings = replace(outbox, max_attempts=1)
-    # Another stream binds the bad row's subject: Nats-Expected-Stream refuses it.
-    other = f"{settings.stream}_other"
-    js = nc.jetstream()
-    await js.add_stream(name=other, subjects=[f"{other}.>"])
-    try:
-        _enqueue(settings, [("x-1", "x"), ("y-1", "y"), ("k-1", None)])
-        _enqueue(settings, [("x-bad", "x")], subject=f"{other}.taken")
-        _enqueue(settings, [("x-2", "x"), ("y-2", "y"), ("k-2", None)])
-        async with running_relay(settings) as relay:
-            await wait_until(lambda: _dead_letters_are(settings, 1))
-            await wait_until(lambda: _held_is(settings, 1))
-            assert relay.stats.batches == 1  # the rows behind it went in the same claim
-    finally:
-        await js.delete_stream(other)
+    async with _bad_row_in_another_stream(settings, nc), running_relay(settings) as relay:
+        await wait_until(lambda: _dead_letters_are(settings, 1))
+        await wait_until(lambda: _held_is(settings, 1))
+        assert relay.stats.batches == 1  # the rows behind it went in the same claim
     stored = await stream_messages(nc, settings)
     # x-2 waits behind the dead letter (hold); the rest went out in claim order.
     assert _ids(stored) == ["x-1", "y-1", "k-1", "y-2", "k-2"]
