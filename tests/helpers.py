@@ -12,6 +12,7 @@ import anyio
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -104,3 +105,9 @@ async def fetch_all(settings: Settings, query: Any, params: Any = None) -> list[
     async with await connect_postgres(settings, autocommit=True) as conn:
         cur = await conn.execute(query, params)
         return await cur.fetchall()
+
+
+def dead_letters(settings: Settings) -> sql.Composed:
+    return sql.SQL(
+        "SELECT event_id, subject, attempts, reason FROM {}.event_outbox_dead_letter ORDER BY id"
+    ).format(sql.Identifier(settings.schema))

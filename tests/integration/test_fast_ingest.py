@@ -9,12 +9,19 @@ from dataclasses import replace
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
-from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.publish import Publisher
 from outbox_relay.store import OutboxMessage
-from tests.helpers import drained, fetch_all, lag, running_relay, stream_messages, wait_until
+from tests.helpers import (
+    dead_letters,
+    drained,
+    fetch_all,
+    lag,
+    running_relay,
+    stream_messages,
+    wait_until,
+)
 from tests.integration.test_atomic_publish import (
     ROWS,
     _bad_row_in_another_stream,
@@ -158,9 +165,5 @@ async def test_a_row_the_stream_refuses_mid_batch_is_dead_lettered_alone(
 
 
 async def _dead_letter_reasons(settings: Settings) -> list[tuple[object, ...]]:
-    return await fetch_all(
-        settings,
-        sql.SQL("SELECT event_id, reason FROM {}.event_outbox_dead_letter ORDER BY id").format(
-            sql.Identifier(settings.schema)
-        ),
-    )
+    rows = await fetch_all(settings, dead_letters(settings))
+    return [(event_id, reason) for event_id, _, _, reason in rows]

@@ -15,6 +15,7 @@ from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import ensure_stream
 from tests.helpers import (
     assert_exactly_once,
+    dead_letters,
     drained,
     emit_events,
     fetch_all,
@@ -25,12 +26,6 @@ from tests.helpers import (
     stream_messages,
     wait_until,
 )
-
-
-def dead_letters(settings: Settings) -> sql.Composed:
-    return sql.SQL(
-        "SELECT event_id, subject, attempts, reason FROM {}.event_outbox_dead_letter ORDER BY id"
-    ).format(sql.Identifier(settings.schema))
 
 
 async def test_committed_events_arrive_once_with_subject_msg_id_and_payload(
