@@ -86,6 +86,10 @@ class PartitionOwner:
         self.forget()
         await self._store.announce_partitions(conn)
 
+    def due(self) -> bool:
+        """Whether the next :meth:`rebalance` would look (so nothing may be in flight)."""
+        return self.joined and time.monotonic() >= self._next_check
+
     async def rebalance(self, conn: psycopg.AsyncConnection[Any]) -> None:
         now = time.monotonic()
         if not self.joined or now < self._next_check:

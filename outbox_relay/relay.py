@@ -4,6 +4,11 @@ One transaction per batch: the claim's row locks are held while the batch is
 published and are released by the commit that deletes the published rows. A relay
 that dies mid-batch therefore leaves its rows to the others, and a re-publish is
 collapsed by JetStream's duplicate window (the ``Nats-Msg-Id`` is the event id).
+
+Two sessions take turns, so that PostgreSQL's work and NATS's overlap: while one
+batch waits for its PubAcks, the batch before it is deleted and committed and the
+next one is claimed on the other session (:meth:`Relay._step`). Batches are still
+published one after the other, in the order they were claimed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -39,7 +45,7 @@ from outbox_relay.partitions import PartitionOwner
 from outbox_relay.publish import BatchResult, Publisher
 from outbox_relay.queries import query
 from outbox_relay.schema import ensure_migrated
-from outbox_relay.store import UNORDERED, ClaimScope, OutboxStore, RetryPolicy
+from outbox_relay.store import UNORDERED, ClaimScope, OutboxMessage, OutboxStore, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,59 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
 
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """A claimed batch: its rows stay locked until its session's transaction ends."""
+
+    conn: psycopg.AsyncConnection[Any]
+    messages: list[OutboxMessage]
+    send_until: float  # monotonic: no publish starts after it
+    result: BatchResult = field(default_factory=BatchResult)
+
+    @property
+    def size(self) -> int:
+        return len(self.messages)
+
+    def unsettled_keys(self) -> frozenset[str]:
+        """The keys of rows not stored: a batch claimed meanwhile may hold later rows
+        of theirs, which must not go out first."""
+        stored = set(self.result.published)
+        return frozenset(
+            m.ordering_key
+            for m in self.messages
+            if m.ordering_key is not None and m.id not in stored
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    claimed: int  # rows claimed this turn
+    published: int = 0  # rows of the batch published this turn
+    result: BatchResult | None = None  # and what became of them
+
+
+async def _concurrently(*functions: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``functions`` together; an error comes out as itself, not in a group."""
+    try:
+        async with anyio.create_task_group() as tg:
+            for function in functions:
+                tg.start_soon(function)
+    except BaseExceptionGroup as group:
+        cancelled = anyio.get_cancelled_exc_class()
+        errors = [e for e in _leaves(group) if not isinstance(e, cancelled)]
+        if errors:
+            raise errors[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
+
+
 def default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -149,6 +208,11 @@ class Relay:
         self._stopping = anyio.Event()
         self._started = anyio.Event()
         self._reopen_error = ""  # why the session could not be reopened, for the log
+        # The second session of the pipeline, and the batches in flight: claimed (to
+        # publish next turn) and published (to delete and commit next turn).
+        self._spare: psycopg.AsyncConnection[Any] | None = None
+        self._claimed: _Batch | None = None
+        self._published: _Batch | None = None
         # Shown in pg_stat_activity, so an operator can tell which relay holds what.
         self._application_name = f"outbox-relay {self.relay_id}"[:63]
 
@@ -178,6 +242,7 @@ class Relay:
         self._publisher: Publisher | None = None
         try:
             await ensure_migrated(self._conn, settings.names)
+            self._spare = await self._open_spare()
             self._publisher = await self._connect_publisher()
             async with anyio.create_task_group() as tg:
                 await tg.start(self._listen)
@@ -202,6 +267,8 @@ class Relay:
             # Shielded: a cancelled relay still closes its connections cleanly.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._conn.close()
+                if self._spare is not None:
+                    await self._spare.close()
                 if self._publisher is not None:
                     await self._publisher.close()
         stats = self.stats
@@ -258,7 +325,9 @@ class Relay:
             await self._pause(backoff.next_delay())
         return None
 
-    async def _open_session(self) -> psycopg.AsyncConnection[Any]:
+    async def _open_session(self, *, main: bool = True) -> psycopg.AsyncConnection[Any]:
+        """A session to claim on. The main one also holds the session-level locks (key
+        partitions, the idle lock), so a frozen relay's is ended when idle too."""
         conn = await connect_postgres(self.settings, application_name=self._application_name)
         idle_timeout = self.settings.claim_hold_bound
         try:
@@ -271,6 +340,8 @@ class Relay:
                 },
             )
             await conn.commit()
+            if not main:
+                return conn
             if conn.info.server_version >= _IDLE_SESSION_TIMEOUT_SINCE:
                 idle_session = self.settings.poll_interval + self.settings.claim_hold_bound
                 await conn.execute(
@@ -285,6 +356,9 @@ class Relay:
             raise
         self._connections.postgres = True
         return conn
+
+    async def _open_spare(self) -> psycopg.AsyncConnection[Any]:
+        return await self._open_session(main=False)
 
     async def _require_writable(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if await self._store.read_only(conn):
@@ -304,6 +378,7 @@ class Relay:
             if publisher is None or not publisher.connected:
                 # Claiming now would only hold row locks while nats-py buffers the
                 # messages; the client is reconnecting on its own.
+                await self._settle_if_possible()
                 await self._keep_session_alive()
                 step_down_in = await self._unpublishable(time.monotonic())
                 await self._pause(min(outage.next_delay(), step_down_in), until=publisher)
@@ -314,10 +389,10 @@ class Relay:
                 with anyio.fail_after(batch_deadline):
                     if self._stepped_down:
                         await self._rejoin_when_publishable(publisher)
-                    claimed, result = await self._relay_batch(self._conn, publisher)
-                    wait = await self._after_batch(claimed)
+                    step = await self._step(publisher)
+                    wait = await self._after_batch(step.claimed)
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
-                if not _connection_lost(exc, self._conn):
+                if not self._session_lost(exc):
                     raise
                 # Session-level locks go with their session.
                 self._idle, self._holds_idle_lock = _Idle.BUSY, False
@@ -325,18 +400,18 @@ class Relay:
                 self._connections.postgres = False
                 delay = outage.next_delay()
                 log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", _one_line(exc), delay)
-                await self._conn.close()
+                await self._close_sessions()
                 await self._pause(delay)
                 await self._reopen_session()
                 continue
-            if result.transient:
+            if step.result is not None and step.result.transient:
                 # The outage began when this batch's publishing did.
                 delay = min(outage.next_delay(), await self._unpublishable(attempted))
                 log.warning(
                     "%d of %d messages not acknowledged (%s); retrying in %.1fs",
-                    result.transient,
-                    claimed,
-                    result.transient_reason,
+                    step.result.transient,
+                    step.published,
+                    step.result.transient_reason,
                     delay,
                 )
                 await self._pause(delay)
@@ -347,6 +422,29 @@ class Relay:
                 if self._idle is _Idle.SLEPT:
                     self.metrics.set_state(RelayState.IDLE)
                 await self._wakeup.wait(wait)
+        await self._settle_if_possible()
+
+    def _session_lost(self, exc: BaseException) -> bool:
+        return _connection_lost(exc, self._conn) or (
+            self._spare is not None and _connection_lost(exc, self._spare)
+        )
+
+    async def _close_sessions(self) -> None:
+        self._claimed = self._published = None  # their rows go back with the sessions
+        await self._conn.close()
+        if self._spare is not None:
+            await self._spare.close()
+
+    async def _settle_if_possible(self) -> None:
+        """:meth:`_settle`; if PostgreSQL is unreachable, the sessions' rows go back
+        with them (the published ones are published again, and deduplicated)."""
+        try:
+            with anyio.fail_after(_STATEMENT_TIMEOUT):
+                await self._settle()
+        except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
+            if not self._session_lost(exc):
+                raise
+            await self._close_sessions()
 
     async def _after_batch(self, claimed: int) -> float:
         """How long to wait before the next claim (0: at once).
@@ -357,9 +455,9 @@ class Relay:
         """
         if claimed or self._idle is _Idle.SLEPT:
             await self._end_idle()
-        if claimed:
-            # Only an empty claim sends a relay towards sleep: under load it stays
-            # busy, so producers skip NOTIFY altogether.
+        if claimed or self._in_flight:
+            # Only an empty claim with nothing in flight sends a relay towards sleep:
+            # under load it stays busy, so producers skip NOTIFY altogether.
             return 0
         if self._partitions.short:
             # Relays that held more than their share give it back within their next
@@ -463,90 +561,178 @@ class Relay:
         # backs off again, and says why it could not reconnect.
         try:
             self._conn = await self._open_session()
+            self._spare = await self._open_spare()
         except (ServerUnavailableError, psycopg.OperationalError) as exc:
             self._reopen_error = _one_line(exc)
         else:
             self._reopen_error = ""
 
-    async def _relay_batch(
-        self, conn: psycopg.AsyncConnection[Any], publisher: Publisher
-    ) -> tuple[int, BatchResult]:
+    async def _step(self, publisher: Publisher) -> _Step:
+        """One turn of the pipeline: publish the batch claimed last turn while, on the
+        other session, the batch published last turn is finished and the next claimed.
+
+        A claim overlaps a publish only when nothing can go out of order: in ordered
+        mode a batch claimed during the publish of the one before holds back the keys
+        that batch did not get stored (their later rows may be in it), and while it
+        holds any, or partitions are due to change hands, the next claim waits until
+        nothing is in flight.
+        """
+        ready, finishing = self._claimed, self._published
+        self._claimed = self._published = None
+        held: frozenset[str] = frozenset()
+        if ready is not None and finishing is not None and self.settings.ordered:
+            held = finishing.unsettled_keys()
+        claim = not self._stopping.is_set() and (
+            ready is None or not (held or self._partitions.due())
+        )
+        claimed: _Batch | None = None
+
+        async def publish() -> None:
+            if ready is not None:
+                await self._publish(ready, publisher, held)
+
+        async def finish_then_claim() -> None:
+            nonlocal claimed
+            if finishing is not None:
+                await self._finish(finishing)
+            if claim:
+                # The session not publishing; the main one when nothing is in flight.
+                if ready is None:
+                    claimed = await self._claim(self._conn, settled=True)
+                elif ready.conn is self._conn:
+                    claimed = await self._claim(self._other_session(), settled=False)
+                else:
+                    claimed = await self._claim(self._conn, settled=False)
+
+        try:
+            await _concurrently(publish, finish_then_claim)
+        except BaseException:
+            # Their sessions are closed (or the relay stops on a bug): rows go back.
+            self._claimed = self._published = None
+            raise
+        self._claimed = claimed
+        if ready is None:
+            return _Step(claimed.size if claimed else 0)
+        result = ready.result
+        if result.transient:
+            # An outage: the claim behind it waits with everything else.
+            self._claimed = None
+            await self._finish(ready)
+            if claimed is not None:
+                await claimed.conn.rollback()
+            return _Step(0, ready.size, result)
+        self._published = ready
+        return _Step(claimed.size if claimed else 0, ready.size, result)
+
+    @property
+    def _in_flight(self) -> bool:
+        return self._claimed is not None or self._published is not None
+
+    async def _settle(self) -> None:
+        """Finish the batch published and give back the one claimed (stop, outage)."""
+        claimed, published = self._claimed, self._published
+        self._claimed = self._published = None
+        if published is not None:
+            await self._finish(published)
+        if claimed is not None:
+            await claimed.conn.rollback()
+
+    def _other_session(self) -> psycopg.AsyncConnection[Any]:
+        if self._spare is None or self._spare.closed:
+            raise ServerUnavailableError(self._reopen_error or "connection closed")
+        return self._spare
+
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], *, settled: bool) -> _Batch | None:
+        """Claim a batch in a transaction of ``conn``, left open; None if nothing is due.
+
+        ``settled``: no other batch is in flight, so partitions may change hands.
+        """
         if conn.closed:
             raise ServerUnavailableError(self._reopen_error or "connection closed")
         settings = self.settings
         scope = UNORDERED
         if settings.ordered:
-            await self._partitions.rebalance(conn)
+            if settled:
+                await self._partitions.rebalance(conn)
             scope = ClaimScope(
                 ordered=True,
                 partitions=self._partitions.owned,
                 hold_behind_dead_letters=settings.dead_letter_policy == "hold",
             )
-        async with conn.transaction():
-            messages = await self._store.claim(
-                conn, settings.batch_size, scope, max_bytes=settings.batch_max_bytes
-            )
-            # Past this no wave starts: the claim's locks may be gone by then.
-            send_until = time.monotonic() + settings.publish_timeout
-            if not messages:
-                return 0, BatchResult()
-            self.metrics.set_state(RelayState.BUSY)
-            self.metrics.batch_rows.observe(len(messages))
-            failpoint(AFTER_CLAIM)
-            if settings.standby_confirmed and not await self._store.standby_has_claim(
-                conn, send_until
-            ):
-                # Unconfirmed rows wait, as in an outage: nothing is sent or marked.
-                unconfirmed = BatchResult()
-                for _ in messages:
-                    unconfirmed.add_transient("no standby has flushed them yet")
-                return len(messages), unconfirmed
-            with self.metrics.publish_seconds.time():
-                result = await publisher.publish_batch(messages, send_until=send_until)
-            await self._store.delete(conn, result.published)
-            outcome = await self._store.record_failures(conn, result.failures)
-            failpoint(AFTER_ACK)
+        messages = await self._store.claim(
+            conn, settings.batch_size, scope, max_bytes=settings.batch_max_bytes
+        )
+        # Past this no wave starts: the claim's locks may be gone by then.
+        send_until = time.monotonic() + settings.publish_timeout
+        if not messages:
+            await conn.rollback()
+            return None
+        self.metrics.set_state(RelayState.BUSY)
+        self.metrics.batch_rows.observe(len(messages))
+        failpoint(AFTER_CLAIM)
+        return _Batch(conn, messages, send_until)
+
+    async def _publish(self, batch: _Batch, publisher: Publisher, held: frozenset[str]) -> None:
+        """Publish ``batch`` but for the rows of ``held`` keys, which stay in the outbox."""
+        if self.settings.standby_confirmed and not await self._store.standby_has_claim(
+            batch.conn, batch.send_until
+        ):
+            # Unconfirmed rows wait, as in an outage: nothing is sent or marked.
+            batch.result = BatchResult()
+            for _ in batch.messages:
+                batch.result.add_transient("no standby has flushed them yet")
+            return
+        messages = [m for m in batch.messages if m.ordering_key not in held]
+        with self.metrics.publish_seconds.time():
+            batch.result = await publisher.publish_batch(messages, send_until=batch.send_until)
+
+    async def _finish(self, batch: _Batch) -> None:
+        """Delete the rows published, record the failures, commit: the claim ends."""
+        result, conn = batch.result, batch.conn
+        await self._store.delete(conn, result.published)
+        outcome = await self._store.record_failures(conn, result.failures)
+        failpoint(AFTER_ACK)
+        await conn.commit()
         stats = self.stats
         stats.batches += 1
         stats.published += len(result.published)
         stats.duplicates += result.duplicates
         stats.retried += outcome.retried
         stats.dead_lettered += outcome.dead_lettered
-        batch = stats.batches
+        number = stats.batches
         for failure in result.failures:
             log.warning(
                 "outbox row %d failed: %s",
                 failure.id,
                 failure.reason,
-                extra={"batch": batch, "outbox_id": failure.id},
+                extra={"batch": number, "outbox_id": failure.id},
             )
         if outcome.dead_lettered:
             log.error(
                 "%d rows moved to the dead letters after %d attempts",
                 outcome.dead_lettered,
                 self.settings.max_attempts,
-                extra={"batch": batch, "dead_lettered": outcome.dead_lettered},
+                extra={"batch": number, "dead_lettered": outcome.dead_lettered},
             )
         if not log.isEnabledFor(logging.DEBUG):
-            return len(messages), result
+            return
         log.debug(
             "batch %d: claimed %d, published %d (%d duplicates), failed %d, left %d",
-            batch,
-            len(messages),
+            number,
+            batch.size,
             len(result.published),
             result.duplicates,
             len(result.failures),
             result.transient,
             extra={
-                "batch": batch,
-                "claimed": len(messages),
+                "batch": number,
+                "claimed": batch.size,
                 "published": len(result.published),
                 "duplicates": result.duplicates,
                 "failed": len(result.failures),
                 "left": result.transient,
             },
         )
-        return len(messages), result
 
     async def _watch(self) -> None:
         """Refresh the lag gauges and what readiness checks, every ``lag_interval``.

@@ -251,6 +251,27 @@ async def test_skip_policy_lets_a_key_pass_its_dead_letter(outbox: Settings, nc:
     assert (await lag(settings)).dead_letters == 1
 
 
+async def test_a_key_failing_in_one_batch_keeps_order_in_the_batch_claimed_meanwhile(
+    outbox: Settings, nc: NATS
+) -> None:
+    """The next batch is claimed while this one publishes: when a row of this batch
+    fails, the later rows of its key in both batches wait and go out after it, in order
+    (skip policy: the row is dead-lettered at once and its key flows on)."""
+    settings = replace(outbox, batch_size=4, max_attempts=1, dead_letter_policy="skip")
+    good = f"{settings.subject_prefix}.ok"
+    expected = []
+    for n in range(40):
+        if n == 2:
+            _enqueue(settings, "nobody.listens", "x-poison", "x")
+        _enqueue(settings, good, f"x-{n}", "x")
+        expected.append(f"x-{n}")
+    async with running_relay(settings):
+        await wait_until(lambda: drained(settings))
+    assert await _stored(nc, settings) == expected
+    assert (await lag(settings)).dead_letters == 1
+    assert (await verified(settings, nc)).out_of_order == []
+
+
 async def test_unordered_mode_ignores_keys(outbox: Settings, nc: NATS) -> None:
     settings = replace(
         outbox, ordered=False, max_attempts=50, retry_backoff=5.0, retry_backoff_max=5.0
