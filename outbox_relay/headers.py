@@ -74,6 +74,8 @@ def sendable_headers(headers: Any) -> dict[str, str]:
 
 def validate_header_value(name: str, value: str) -> str:
     """``value`` if it fits on one header line (the msg id and ordering key too)."""
+    if value.isascii() and value.isprintable():
+        return value  # the common case, once per row: no line break, no NUL, encodable
     if any(ch in value for ch in _LINE_BREAKERS):
         raise InvalidHeadersError(
             f"{name} {value!r} must be a one-line string without NUL characters"
@@ -95,6 +97,19 @@ def wire_size(headers: Mapping[str, str], payload_size: int) -> int:
     for key, value in headers.items():
         header_size += len(key.encode()) + 2 + len(value.strip().encode()) + _CRLF
     return header_size + payload_size
+
+
+def over_max_payload(headers: Mapping[str, str], payload_size: int, max_payload: int) -> int:
+    """The message's :func:`wire_size` if it exceeds ``max_payload``, else 0.
+
+    Once per row, so a bound first: UTF-8 takes at most 4 bytes a character.
+    """
+    characters = sum(len(key) + len(value) for key, value in headers.items())
+    bound = len(_HEADER_LINE) + _CRLF + 4 * characters + (2 + _CRLF) * len(headers)
+    if payload_size + bound <= max_payload:
+        return 0
+    size = wire_size(headers, payload_size)
+    return size if size > max_payload else 0
 
 
 def header_overhead(

@@ -33,6 +33,7 @@ from outbox_relay.headers import (
     MSG_ID_HEADER,
     ORDERING_KEY_HEADER,
     SEQUENCE_HEADER,
+    over_max_payload,
     sendable_headers,
     validate_header_value,
     wire_size,
@@ -98,13 +99,17 @@ def _overloaded(error: BaseException) -> bool:
     )
 
 
+# A row's subject is one of a few (its event type): checked once each, not per row.
+_validate_subject = functools.lru_cache(maxsize=_SUBJECTS_REMEMBERED)(validate_subject)
+
+
 def message_headers(message: OutboxMessage, stream: str, *, ordered: bool) -> dict[str, str]:
     """The headers to send; :class:`OutboxError` if the row's own cannot be sent.
 
     Rows are checked by the outbox's constraints; this is the last line of defence
     for one that got past them (written before them, or with them dropped).
     """
-    validate_subject(message.subject)
+    _validate_subject(message.subject)
     headers = sendable_headers(message.headers) if message.headers is not None else {}
     headers[MSG_ID_HEADER] = validate_header_value("msg id", message.event_id)
     # The server refuses the message unless this stream stores it, so a subject
@@ -709,9 +714,8 @@ class Publisher:
         except OutboxError as exc:
             result.failures.append(Failure(message.id, f"unpublishable row: {exc}"))
             return None
-        size = wire_size(headers, len(message.payload))
         max_payload = self._nc.max_payload
-        if size > max_payload:
+        if size := over_max_payload(headers, len(message.payload), max_payload):
             result.failures.append(
                 Failure(
                     message.id,

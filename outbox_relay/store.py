@@ -25,7 +25,8 @@ from outbox_relay.schema import latest_version
 _STANDBY_POLL = 0.002
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs five times as much, once per row.
+@dataclass(slots=True)
 class OutboxMessage:
     id: int
     event_id: str

@@ -15,6 +15,7 @@ from outbox_relay.headers import (
     MAX_STREAM_NAME_BYTES,
     RESERVED_HEADERS,
     header_overhead,
+    over_max_payload,
     sendable_headers,
     validate_headers,
     wire_size,
@@ -81,3 +82,21 @@ def test_headers_fuzz(headers: Any) -> None:
     assert not {name.lower() for name in checked} & RESERVED_HEADERS
     # The producer's reserve covers any stream name and outbox id the relay may add.
     assert header_overhead(checked, "m", "k") >= wire_size(checked, 0) + MAX_STREAM_NAME_BYTES
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.text(max_size=12), st.one_of(st.text(), NASTY_TEXT), max_size=5),
+    st.integers(0, 2000),
+)
+def test_the_cheap_max_payload_check_agrees_with_the_exact_size(
+    headers: dict[str, str], payload_size: int
+) -> None:
+    try:
+        sendable = sendable_headers(headers)
+    except InvalidHeadersError:
+        return
+    size = wire_size(sendable, payload_size)
+    # Right at the limit, where a loose bound would err.
+    assert over_max_payload(sendable, payload_size, size) == 0
+    assert over_max_payload(sendable, payload_size, size - 1) == size
