@@ -57,7 +57,8 @@ async def test_kill_9_at_each_failpoint_then_restart(
     elif point == AFTER_CLAIM:
         assert duplicates == 0
     elif point == AFTER_ACK:
-        assert duplicates == 50
+        # The crashed batch, and any part of the next one, published while it committed.
+        assert 50 <= duplicates <= 100
     else:
         assert point == AFTER_PUBLISH
         assert 0 < duplicates <= 50

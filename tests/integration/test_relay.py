@@ -269,3 +269,26 @@ async def test_a_missing_stream_never_counts_against_rows(outbox: Settings, nc: 
     assert_exactly_once(await stream_messages(nc, outbox), second)
     assert set(first).isdisjoint(second)
     assert (await lag(outbox)).dead_letters == 0
+
+
+async def test_a_relay_holds_the_postgresql_connections_the_readme_counts(
+    outbox: Settings,
+) -> None:
+    """README (Connections): two batch sessions, the listener and the lag watcher."""
+
+    async def sessions() -> int:
+        async with await connect_postgres(outbox, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                ("outbox-relay counted",),
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def four() -> bool:
+        return await sessions() == 4
+
+    async with running_relay(outbox, "counted"):
+        await wait_until(four)
+        await anyio.sleep(outbox.poll_interval)  # idle a while: no more appear
+        assert await sessions() == 4
