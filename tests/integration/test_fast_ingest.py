@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from outbox_relay.config import Settings
-from outbox_relay.publish import Publisher
+from outbox_relay.publish import FrameWriter, Publisher
 from outbox_relay.store import OutboxMessage
 from tests.helpers import (
     dead_letters,
@@ -167,3 +167,10 @@ async def test_a_row_the_stream_refuses_mid_batch_is_dead_lettered_alone(
 async def _dead_letter_reasons(settings: Settings) -> list[tuple[object, ...]]:
     rows = await fetch_all(settings, dead_letters(settings))
     return [(event_id, reason) for event_id, _, _, reason in rows]
+
+
+async def test_batches_go_to_nats_py_in_one_write_each(nc: NATS) -> None:
+    """The batch paths hand their frames to nats-py's write buffer, whose internals a
+    nats-py upgrade may change: then they would quietly fall back to a publish per
+    message, slower. This says so instead."""
+    assert FrameWriter(nc).batched
