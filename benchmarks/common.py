@@ -51,6 +51,14 @@ async def fresh_outbox(database_url: str, nats_url: str) -> Settings:
     return settings
 
 
+async def drop_outbox(settings: Settings) -> None:
+    """Drop a finished cell's schema, so that no autovacuum of it runs beside the next."""
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(settings.schema))
+        )
+
+
 async def shipped_trigger(settings: Settings) -> str:
     """Our trigger function's definition, as migrated, to restore between modes."""
     async with await connect_postgres(settings, autocommit=True) as conn:

@@ -130,8 +130,11 @@ FROM event;
 -- name: configure_session
 -- A frozen relay must not hold its claimed rows' locks for ever: PostgreSQL ends a
 -- session that sits idle inside a transaction, and the rows go back to the others.
+-- A batch's commit (its deletes, its dead letters) need not wait for the WAL flush:
+-- one lost in a crash brings its rows back, published again and deduplicated.
 SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s, false),
-       set_config('statement_timeout', %(statement_timeout)s, false);
+       set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('synchronous_commit', 'off', false);
 
 -- name: listen
 LISTEN {channel};
