@@ -76,7 +76,8 @@ async def measure(settings: Settings, rate: int, seconds: float, poll: str) -> d
     seen_cuts = statistics.quantiles(seen, n=100)
     cuts = statistics.quantiles(kept, n=100)
     return {
-        "achieved_rate": len(committed) / seconds,
+        # Over the time the commits took: producers that fall behind finish late.
+        "achieved_rate": len(committed) / (max(committed.values()) - min(committed.values())),
         "p50_ms": cuts[49],
         "p99_ms": cuts[98],
         "max_ms": kept[-1],

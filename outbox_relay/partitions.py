@@ -65,12 +65,15 @@ class PartitionOwner:
         self.short = False
         # Counted among the relays; False after leave() until the next join().
         self.joined = False
+        # Partitions are to be given back once no batch is in flight.
+        self.must_settle = False
 
     def forget(self) -> None:
         """The session is gone, and with it every lock it held."""
         self.owned = frozenset()
         self.short = False
         self.joined = False
+        self.must_settle = False
         self._next_check = 0.0
 
     async def join(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -86,17 +89,20 @@ class PartitionOwner:
         self.forget()
         await self._store.announce_partitions(conn)
 
-    def due(self) -> bool:
-        """Whether the next :meth:`rebalance` would look (so nothing may be in flight)."""
-        return self.joined and time.monotonic() >= self._next_check
-
-    async def rebalance(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def rebalance(self, conn: psycopg.AsyncConnection[Any], *, settled: bool) -> None:
+        """Take or give back partitions towards the fair share. Giving back waits until
+        the relay is ``settled`` (no batch in flight): the next owner must not publish
+        a key's later rows before this relay's earlier ones; until then
+        :attr:`must_settle` asks the relay to settle."""
         now = time.monotonic()
         if not self.joined or now < self._next_check:
             return
-        self._next_check = now + self._interval
         relays = await self._store.count_relays(conn)
         decided = plan(self.owned, relays, self._order)
+        self.must_settle = bool(decided.release) and not settled
+        if self.must_settle:
+            return  # look again at the next claim, settled by then
+        self._next_check = now + self._interval
         self.short = False
         if decided.release:
             await self._store.release_partitions(conn, decided.release)

@@ -574,7 +574,7 @@ class Relay:
         A claim overlaps a publish only when nothing can go out of order: in ordered
         mode a batch claimed during the publish of the one before holds back the keys
         that batch did not get stored (their later rows may be in it), and while it
-        holds any, or partitions are due to change hands, the next claim waits until
+        holds any, or partitions are to be given back, the next claim waits until
         nothing is in flight.
         """
         ready, finishing = self._claimed, self._published
@@ -583,7 +583,7 @@ class Relay:
         if ready is not None and finishing is not None and self.settings.ordered:
             held = finishing.unsettled_keys()
         claim = not self._stopping.is_set() and (
-            ready is None or not (held or self._partitions.due())
+            ready is None or not (held or self._partitions.must_settle)
         )
         claimed: _Batch | None = None
 
@@ -645,15 +645,15 @@ class Relay:
     async def _claim(self, conn: psycopg.AsyncConnection[Any], *, settled: bool) -> _Batch | None:
         """Claim a batch in a transaction of ``conn``, left open; None if nothing is due.
 
-        ``settled``: no other batch is in flight, so partitions may change hands.
+        ``settled``: no other batch is in flight, so partitions may be given back.
         """
         if conn.closed:
             raise ServerUnavailableError(self._reopen_error or "connection closed")
         settings = self.settings
         scope = UNORDERED
         if settings.ordered:
-            if settled:
-                await self._partitions.rebalance(conn)
+            if conn is self._conn:  # the session holding the partitions, free now
+                await self._partitions.rebalance(conn, settled=settled)
             scope = ClaimScope(
                 ordered=True,
                 partitions=self._partitions.owned,

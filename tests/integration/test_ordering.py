@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -19,7 +21,9 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.dead_letters import DeadLetterFilter, purge_dead_letters
+from outbox_relay.partitions import plan, preference
 from outbox_relay.producer import Producer
+from outbox_relay.queries import KEY_PARTITIONS
 from outbox_relay.verify import Report, Window, verify
 from tests.helpers import drained, lag, producer_for, running_relay, stream_messages, wait_until
 
@@ -270,6 +274,52 @@ async def test_a_key_failing_in_one_batch_keeps_order_in_the_batch_claimed_meanw
     assert await _stored(nc, settings) == expected
     assert (await lag(settings)).dead_letters == 1
     assert (await verified(settings, nc)).out_of_order == []
+
+
+async def test_a_relay_gives_partitions_back_only_with_no_batch_in_flight(
+    outbox: Settings, nc: NATS
+) -> None:
+    """A relay draining a key, its publishes slowed down, sees a second relay join and
+    gives that key's partition over: not while a batch of the key is in flight, or the
+    newcomer would publish the key's later rows first."""
+    settings = replace(outbox, batch_size=5)
+    given_back = plan(frozenset(range(KEY_PARTITIONS)), 2, preference("a")).release
+    key = await _key_in(settings, given_back)
+    good = f"{settings.subject_prefix}.ok"
+    expected = [f"{key}-{n}" for n in range(120)]
+    for msg_id in expected:
+        _enqueue(settings, good, msg_id, key)
+    async with running_relay(settings, "a") as a:
+        publisher = a._publisher
+        assert publisher is not None
+        publish = publisher.publish_batch
+
+        async def slowly(messages: Any, **kwargs: Any) -> Any:
+            await anyio.sleep(0.2)
+            return await publish(messages, **kwargs)
+
+        publisher.publish_batch = slowly  # type: ignore[method-assign]
+        await wait_until(lambda: _stored_count_at_least(nc, settings, 10))
+        async with running_relay(settings, "b") as b:
+            await wait_until(lambda: drained(settings))
+    assert b.stats.published > 0  # the key did change hands
+    assert await _stored(nc, settings) == expected
+
+
+async def _key_in(settings: Settings, partitions: Sequence[int]) -> str:
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT k FROM (SELECT 'k' || g AS k FROM generate_series(1, 1000) g) keys"
+            " WHERE (hashtext(k) & 63) = ANY(%s) LIMIT 1",
+            (list(partitions),),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def _stored_count_at_least(nc: NATS, settings: Settings, count: int) -> bool:
+    return len(await _stored(nc, settings)) >= count
 
 
 async def test_unordered_mode_ignores_keys(outbox: Settings, nc: NATS) -> None:
