@@ -71,11 +71,14 @@ async def shipped_trigger(settings: Settings) -> str:
     return str(row[0])
 
 
-async def start_relay(settings: Settings, *, wrapper: Sequence[str] = (), **env: str) -> Process:
+async def start_relay(
+    settings: Settings, *, wrapper: Sequence[str] = (), cwd: str | None = None, **env: str
+) -> Process:
     """``outbox-relay run`` as a process of its own, as in production, for ``settings``.
 
     ``env`` adds or overrides ``OUTBOX_*`` variables, e.g. ``OUTBOX_POLL_INTERVAL``;
-    ``wrapper`` prefixes the command (``ip netns exec <name>``).
+    ``wrapper`` prefixes the command (``ip netns exec <name>``); ``cwd``, a checkout
+    of another revision, runs that revision's relay.
     """
     configured = {
         "OUTBOX_DATABASE_URL": settings.database_url,
@@ -89,6 +92,7 @@ async def start_relay(settings: Settings, *, wrapper: Sequence[str] = (), **env:
     return await anyio.open_process(
         [*wrapper, sys.executable, "-m", "outbox_relay", "run"],
         env={**os.environ, **configured, **env},
+        cwd=cwd,
     )
 
 
@@ -124,6 +128,7 @@ async def process_drain(
     fill: Callable[[], Awaitable[None]],
     *,
     stream: BatchSupport | None = None,
+    cwd: str | None = None,
     **env: str,
 ) -> ProcessDrain:
     """``outbox-relay run`` as the user runs it, timed from the commit of ``fill``
@@ -139,7 +144,7 @@ async def process_drain(
         js = nc.jetstream()
         if stream is not None:
             await ensure_stream(js, settings, batches=stream)
-        relay = await start_relay(settings, **env)
+        relay = await start_relay(settings, cwd=cwd, **env)
         try:
             while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls
                 await anyio.sleep(0.05)
