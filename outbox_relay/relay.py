@@ -620,7 +620,8 @@ class Relay:
             await self._finish(ready)
             if claimed is not None:
                 await claimed.conn.rollback()
-            return _Step(0, ready.size, result)
+            # Rows wait: not a reason to go idle (that is for an empty outbox).
+            return _Step(ready.size, ready.size, result)
         self._published = ready
         return _Step(claimed.size if claimed else 0, ready.size, result)
 
