@@ -659,6 +659,8 @@ class Relay:
                 ordered=True,
                 partitions=self._partitions.owned,
                 hold_behind_dead_letters=settings.dead_letter_policy == "hold",
+                # The main session holds the partitions; it may be gone (frozen relay).
+                owner_pid=None if conn is self._conn else self._conn.info.backend_pid,
             )
         messages = await self._store.claim(
             conn, settings.batch_size, scope, max_bytes=settings.batch_max_bytes

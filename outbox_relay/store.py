@@ -123,12 +123,16 @@ class ClaimScope:
     ordered: bool = False
     partitions: frozenset[int] = frozenset()
     hold_behind_dead_letters: bool = True
+    # The backend holding the partitions' locks, when the claim runs on another
+    # session: only partitions it still holds are claimed.
+    owner_pid: int | None = None
 
     def params(self) -> dict[str, Any]:
         return {
             "ordered": self.ordered,
             "partitions": sorted(self.partitions),
             "hold": self.hold_behind_dead_letters,
+            "owner_pid": self.owner_pid,
         }
 
 

@@ -51,6 +51,15 @@ FROM (
           AND (o.ordering_key IS NULL
                OR NOT %(ordered)s
                OR ((hashtext(o.ordering_key) & 63) = ANY(%(partitions)s::int[])
+                   -- Claimed on a relay's second session: only partitions its first
+                   -- session still holds (that one may have died meanwhile).
+                   AND (%(owner_pid)s::int IS NULL
+                        OR (hashtext(o.ordering_key) & 63) = ANY(ARRAY(
+                            SELECT (l.classid::bigint - {partition_lock_class})::int
+                            FROM pg_locks AS l
+                            WHERE l.locktype = 'advisory' AND l.granted
+                              AND l.pid = %(owner_pid)s AND l.objsubid = 2
+                              AND l.objid = {lock_object})))
                    AND NOT EXISTS (
                        SELECT FROM {outbox_table} AS b
                        WHERE b.ordering_key = o.ordering_key AND b.id < o.id
