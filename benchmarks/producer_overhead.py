@@ -65,7 +65,10 @@ async def set_wakeup(settings: Settings, mode: str, ours: str) -> None:
         )
 
 
-async def run_pgbench(settings: Settings, clients: int, seconds: int, script: Path) -> float:
+async def run_pgbench(
+    settings: Settings, clients: int, seconds: int, script: Path, *, rate: int | None = None
+) -> float:
+    """Transactions per second of ``script``; ``rate`` paces them (``-R``, Poisson)."""
     params = conninfo_to_dict(settings.database_url)
     env = {
         **os.environ,
@@ -86,6 +89,7 @@ async def run_pgbench(settings: Settings, clients: int, seconds: int, script: Pa
             str(seconds),
             "-f",
             str(script),
+            *(["-R", str(rate)] if rate else []),
         ],
         env=env,
     )
