@@ -130,13 +130,19 @@ class ClaimScope:
     def params(self) -> dict[str, Any]:
         return {
             "ordered": self.ordered,
-            "partitions": sorted(self.partitions),
+            "partition_mask": _partition_mask(self.partitions),
             "hold": self.hold_behind_dead_letters,
             "owner_pid": self.owner_pid,
         }
 
 
 UNORDERED = ClaimScope()
+
+
+def _partition_mask(partitions: frozenset[int]) -> int:
+    """Bit p set for partition p, read as PostgreSQL's signed bigint (64 partitions)."""
+    mask = sum(1 << p for p in partitions)
+    return mask - (1 << 64) if mask >= 1 << 63 else mask
 
 
 class OutboxStore:

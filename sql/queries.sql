@@ -50,23 +50,35 @@ FROM (
           AND o.next_attempt_at <= now()
           AND (o.ordering_key IS NULL
                OR NOT %(ordered)s
-               OR ((hashtext(o.ordering_key) & 63) = ANY(%(partitions)s::int[])
-                   -- Claimed on a relay's second session: only partitions its first
-                   -- session still holds (that one may have died meanwhile).
-                   AND (%(owner_pid)s::int IS NULL
-                        OR (hashtext(o.ordering_key) & 63) = ANY(ARRAY(
-                            SELECT (l.classid::bigint - {partition_lock_class})::int
-                            FROM pg_locks AS l
-                            WHERE l.locktype = 'advisory' AND l.granted
-                              AND l.pid = %(owner_pid)s AND l.objsubid = 2
-                              AND l.objid = {lock_object})))
-                   AND NOT EXISTS (
-                       SELECT FROM {outbox_table} AS b
-                       WHERE b.ordering_key = o.ordering_key AND b.id < o.id
-                         AND b.attempts > 0 AND b.next_attempt_at > now())
-                   AND NOT (%(hold)s AND EXISTS (
-                       SELECT FROM {dead_letter_table} AS d
-                       WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
+               -- Partitions as bits of one bigint (64 partitions): one test per row.
+               OR (((%(partition_mask)s::bigint
+                     -- Claimed on a relay's second session: only partitions its first
+                     -- session still holds (that one may have died meanwhile).
+                     & CASE WHEN %(owner_pid)s::int IS NULL THEN -1::bigint
+                            ELSE (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
+                                                         - {partition_lock_class})::int), 0)
+                                  FROM pg_locks AS l
+                                  WHERE l.locktype = 'advisory' AND l.granted
+                                    AND l.pid = %(owner_pid)s AND l.objsubid = 2
+                                    AND l.objid = {lock_object}) END)
+                    >> (hashtext(o.ordering_key) & 63)) & 1 = 1
+                   -- Each probe first asks, once per claim, whether any row could block.
+                   AND ((SELECT f.id FROM {outbox_table} AS f
+                         WHERE f.ordering_key IS NOT NULL AND f.attempts > 0
+                           AND f.next_attempt_at > now()
+                         -- The order of the failed-row index: searched, never scanned.
+                         ORDER BY f.ordering_key, f.id LIMIT 1) IS NULL
+                        OR NOT EXISTS (
+                            SELECT FROM {outbox_table} AS b
+                            WHERE b.ordering_key = o.ordering_key AND b.id < o.id
+                              AND b.attempts > 0 AND b.next_attempt_at > now()))
+                   AND NOT (%(hold)s
+                            AND (SELECT e.id FROM {dead_letter_table} AS e
+                                 WHERE e.ordering_key IS NOT NULL
+                                 ORDER BY e.ordering_key, e.id LIMIT 1) IS NOT NULL
+                            AND EXISTS (
+                                SELECT FROM {dead_letter_table} AS d
+                                WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
         ORDER BY o.id
         LIMIT %(limit)s
         FOR UPDATE OF o SKIP LOCKED

@@ -24,6 +24,7 @@ from outbox_relay.dead_letters import DeadLetterFilter, purge_dead_letters
 from outbox_relay.partitions import plan, preference
 from outbox_relay.producer import Producer
 from outbox_relay.queries import KEY_PARTITIONS
+from outbox_relay.store import ClaimScope, OutboxStore, RetryPolicy
 from outbox_relay.verify import Report, Window, verify
 from tests.helpers import drained, lag, producer_for, running_relay, stream_messages, wait_until
 
@@ -346,3 +347,24 @@ async def _dead_letters_are(settings: Settings, count: int) -> bool:
 
 async def _held_is(settings: Settings, count: int) -> bool:
     return (await lag(settings)).held == count
+
+
+@pytest.mark.parametrize(
+    "partitions",
+    [{0}, {63}, {0, 31, 32, 63}, set(range(0, 64, 3)), set(range(KEY_PARTITIONS))],
+    ids=["first", "last (the sign bit)", "edges", "every third", "all"],
+)
+async def test_a_claim_takes_exactly_the_rows_of_its_partitions(
+    outbox: Settings, partitions: set[int]
+) -> None:
+    """The claim tests a row's partition against the scope's partitions as bits of one
+    bigint: every partition, the sign bit's too, must map to its own rows."""
+    key_of = {p: await _key_in(outbox, [p]) for p in range(KEY_PARTITIONS)}
+    for key in key_of.values():
+        _enqueue(outbox, f"{outbox.subject_prefix}.ok", f"{key}-1", key)
+    store = OutboxStore(outbox.names, RetryPolicy())
+    async with await connect_postgres(outbox) as conn:
+        scope = ClaimScope(ordered=True, partitions=frozenset(partitions))
+        claimed = await store.claim(conn, 1000, scope)
+        await conn.rollback()
+    assert {m.ordering_key for m in claimed} == {key_of[p] for p in partitions}
