@@ -4,12 +4,13 @@ Both ends are the servers' own clocks (one host), so nothing in this process can
 skew them: the commit time is PostgreSQL's (``track_commit_timestamp``, read as
 ``pg_xact_commit_timestamp(xmin)`` of each event row), the stored time JetStream's
 (each message's timestamp). Producers are pgbench clients committing at a fixed
-rate (``-R``, Poisson arrivals), each transaction an event row and its outbox row
-through the SQL enqueue function; the relay runs as its own process, as in
-production. Two wake-ups, side by side: NOTIFY (ours) and poll-only (no
-notification, a 100 ms poll)::
+rate (``-R``, Poisson arrivals), each transaction one event row and its outbox row
+through the SQL enqueue function, or several (``--events-per-commit``: the same
+event rate from fewer, larger transactions, which costs the machine's two cores
+far less); the relay runs as its own process, as in production. Two wake-ups, side
+by side: NOTIFY (ours) and poll-only (no notification, a 100 ms poll)::
 
-    .venv/bin/python -m benchmarks.latency --rates 1000 10000 --seconds 10
+    .venv/bin/python -m benchmarks.latency --rates 1000 10000 --events-per-commit 1 10
 
 PostgreSQL stamps a commit just before it flushes it, so the figures include the
 producer's own commit flush; the benchmark measures that gap (stamp → COMMIT
@@ -42,7 +43,7 @@ from benchmarks.common import (
     start_relay,
     stop_relay,
 )
-from benchmarks.producer_overhead import SCRIPT, run_pgbench
+from benchmarks.producer_overhead import producer_script, run_pgbench
 from outbox_relay.config import Settings
 from outbox_relay.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -133,12 +134,12 @@ async def stream_holds(settings: Settings, count: int) -> None:
 
 
 async def measure(
-    settings: Settings, rate: int, seconds: int, poll: str, script: Path
+    settings: Settings, rate: int, per_commit: int, *, seconds: int, poll: str, script: Path
 ) -> dict[str, float]:
     relay = await start_relay(settings, OUTBOX_POLL_INTERVAL=poll)
     try:
         await anyio.sleep(2)  # started (the stream created) and idle
-        await run_pgbench(settings, CLIENTS, seconds, script, rate=rate)
+        await run_pgbench(settings, CLIENTS, seconds, script, rate=rate // per_commit)
         committed = await commit_times(settings)
         await stream_holds(settings, len(committed))
     finally:
@@ -168,7 +169,9 @@ async def set_notify(settings: Settings, enabled: bool, ours: str) -> None:
             )
 
 
-async def main(rates: list[int], seconds: int) -> list[dict[str, float | str]]:
+async def main(
+    rates: list[int], seconds: int, events_per_commit: list[int]
+) -> list[dict[str, float | str]]:
     script = Path(tempfile.mkdtemp()) / "producer.sql"
     with ExitStack() as stack:
         database_url = commit_stamping_postgres(stack)
@@ -180,24 +183,26 @@ async def main(rates: list[int], seconds: int) -> list[dict[str, float | str]]:
             f"p99 {gap[len(gap) * 99 // 100]:.2f} ms (included below)"
         )
         print(
-            f"{'mode':<16}{'rate':>7}{'achieved':>10}{'events':>9}"
+            f"{'mode':<16}{'rate':>7}{'/commit':>8}{'achieved':>10}{'events':>9}"
             f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         )
         rows: list[dict[str, float | str]] = []
         for rate in rates:
-            for mode, notify, poll in MODES:
-                settings = await fresh_outbox(database_url, nats_url)
-                script.write_text(
-                    SCRIPT.format(schema=f'"{settings.schema}"', prefix=settings.subject_prefix)
-                )
-                await set_notify(settings, notify, await shipped_trigger(settings))
-                r = await measure(settings, rate, seconds, poll, script)
-                await drop_outbox(settings)
-                print(
-                    f"{mode:<16}{rate:>7}{r['achieved_rate']:>10.0f}{r['events']:>9.0f}"
-                    f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}"
-                )
-                rows.append({"mode": mode, "rate": rate, **r})
+            for per_commit in events_per_commit:
+                for mode, notify, poll in MODES:
+                    settings = await fresh_outbox(database_url, nats_url)
+                    script.write_text(producer_script(settings, per_commit))
+                    await set_notify(settings, notify, await shipped_trigger(settings))
+                    r = await measure(
+                        settings, rate, per_commit, seconds=seconds, poll=poll, script=script
+                    )
+                    await drop_outbox(settings)
+                    print(
+                        f"{mode:<16}{rate:>7}{per_commit:>8}{r['achieved_rate']:>10.0f}"
+                        f"{r['events']:>9.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+                        f"{r['max_ms']:>9.1f}"
+                    )
+                    rows.append({"mode": mode, "rate": rate, "per_commit": per_commit, **r})
     return rows
 
 
@@ -205,5 +210,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument(
+        "--events-per-commit",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="events each producer transaction commits (the rate counts events)",
+    )
     args = parser.parse_args()
-    anyio.run(main, args.rates, args.seconds)
+    anyio.run(main, args.rates, args.seconds, args.events_per_commit)

@@ -39,13 +39,20 @@ TRIGGER_BODIES = {
     "every": "BEGIN PERFORM pg_notify({channel_literal}, ''); RETURN NULL; END",
 }
 MODES = ("none", "every", "ours")
-SCRIPT = """\\set eid random(1, 9000000000000000)
-BEGIN;
-INSERT INTO {schema}.event (execution_id, event_id, event_type) VALUES (:client_id, :eid, 'bench');
-SELECT {schema}.event_outbox_enqueue('{prefix}.bench', '\\x7b7d'::bytea, :eid::text,
+EVENT = """INSERT INTO {schema}.event (execution_id, event_id, event_type)
+    VALUES (:client_id, :eid{n}, 'bench');
+SELECT {schema}.event_outbox_enqueue('{prefix}.bench', '\\x7b7d'::bytea, :eid{n}::text,
     NULL, NULL, :client_id::text);
-COMMIT;
 """
+
+
+def producer_script(settings: Settings, events: int = 1) -> str:
+    """A pgbench transaction of ``events`` event rows, each with its outbox row through
+    the SQL enqueue function, keyed by the client's execution as emit_event keys them."""
+    names = {"schema": f'"{settings.schema}"', "prefix": settings.subject_prefix}
+    draws = "".join(f"\\set eid{n} random(1, 9000000000000000)\n" for n in range(events))
+    body = "".join(EVENT.format(n=n, **names) for n in range(events))
+    return f"{draws}BEGIN;\n{body}COMMIT;\n"
 
 
 def pgbench_binary() -> str:
@@ -103,9 +110,7 @@ async def main(clients: list[int], seconds: int, rounds: int) -> dict[str, dict[
         settings = await fresh_outbox(*servers(stack))
         ours = await shipped_trigger(settings)
         script = Path(tempfile.mkdtemp()) / "producer.sql"
-        script.write_text(
-            SCRIPT.format(schema=f'"{settings.schema}"', prefix=settings.subject_prefix)
-        )
+        script.write_text(producer_script(settings))
         results: dict[str, dict[str, float]] = {}
         relay = Relay(settings, relay_id="bench")
         async with anyio.create_task_group() as tg:
