@@ -7,35 +7,25 @@ interleaved round by round, medians kept, with the relay's CPU per 100,000 rows:
 from __future__ import annotations
 
 import argparse
-import functools
-import statistics
 from contextlib import ExitStack
 
 import anyio
 
-from benchmarks.common import fresh_outbox, interleaved_medians, process_drain, servers
-from benchmarks.drain import preload
+from benchmarks.common import servers
+from benchmarks.drain import RelayRun, interleaved_process_drains
 
 
 async def main(rows: int, sizes: list[int], rounds: int, payload: int) -> None:
-    cpu: dict[str, list[float]] = {}
+    relays = {str(size): RelayRun({"OUTBOX_BATCH_SIZE": str(size)}) for size in sizes}
     with ExitStack() as stack:
-        database_url, nats_url = servers(stack)
-
-        async def measure(size: str) -> float:
-            settings = await fresh_outbox(database_url, nats_url)
-            fill = functools.partial(preload, settings, rows, payload, analyze=False)
-            drained = await process_drain(settings, rows, fill, OUTBOX_BATCH_SIZE=size)
-            cpu.setdefault(size, []).append(drained.cpu_per_100k(rows))
-            return drained.rows_per_s
-
-        modes = [str(size) for size in sizes]
-        medians = await interleaved_medians(modes, rounds, measure)
+        drained = await interleaved_process_drains(
+            *servers(stack), relays, rows=rows, payload=payload, rounds=rounds
+        )
     print(f"drain of {rows:,} rows of {payload} B, `outbox-relay run`, medians of {rounds}")
-    for size in modes:
+    for size, drain in drained.items():
         print(
-            f"  batch {size:>6}: {medians[size]:9,.0f} rows/s"
-            f"  CPU {statistics.median(cpu[size]):.2f} s/100k"
+            f"  batch {size:>6}: {drain.rows_per_s:9,.0f} rows/s"
+            f"  CPU {drain.cpu_per_100k(rows):.2f} s/100k"
         )
 
 

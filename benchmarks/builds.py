@@ -13,8 +13,6 @@ other) and its dependencies.
 from __future__ import annotations
 
 import argparse
-import functools
-import statistics
 import subprocess
 import tempfile
 from contextlib import ExitStack
@@ -22,8 +20,8 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks.common import drop_outbox, fresh_outbox, interleaved_medians, process_drain, servers
-from benchmarks.drain import preload
+from benchmarks.common import servers
+from benchmarks.drain import RelayRun, interleaved_process_drains
 
 HERE = "this checkout"
 
@@ -37,32 +35,23 @@ def worktree(stack: ExitStack, rev: str) -> str:
 
 
 async def main(revs: list[str], rows: int, rounds: int, payload: int, ordering: str) -> None:
-    cpu: dict[str, list[float]] = {}
     with ExitStack() as stack:
-        paths = {rev: worktree(stack, rev) for rev in revs}
-        database_url, nats_url = servers(stack)
-
-        async def measure(build: str) -> float:
-            settings = await fresh_outbox(database_url, nats_url)
-            fill = functools.partial(preload, settings, rows, payload, keys=1000, analyze=False)
-            drained = await process_drain(
-                settings, rows, fill, cwd=paths.get(build), OUTBOX_ORDERING=ordering
-            )
-            await drop_outbox(settings)
-            cpu.setdefault(build, []).append(drained.cpu_per_100k(rows))
-            return drained.rows_per_s
-
-        builds = [*revs, HERE]
-        medians = await interleaved_medians(builds, rounds, measure)
-    base = medians[builds[0]]
+        relays = {
+            rev: RelayRun({"OUTBOX_ORDERING": ordering}, worktree(stack, rev)) for rev in revs
+        }
+        relays[HERE] = RelayRun({"OUTBOX_ORDERING": ordering})
+        drained = await interleaved_process_drains(
+            *servers(stack), relays, rows=rows, payload=payload, rounds=rounds, keys=1000
+        )
+    base = drained[revs[0]].rows_per_s
     print(
         f"drain of {rows:,} rows of {payload} B over 1,000 keys, ordering {ordering}, "
         f"`outbox-relay run`, medians of {rounds}"
     )
-    for build in builds:
+    for build, drain in drained.items():
         print(
-            f"  {build:>14}: {medians[build]:9,.0f} rows/s  {medians[build] / base:5.2f}x"
-            f"  CPU {statistics.median(cpu[build]):.2f} s/100k"
+            f"  {build:>14}: {drain.rows_per_s:9,.0f} rows/s  {drain.rows_per_s / base:5.2f}x"
+            f"  CPU {drain.cpu_per_100k(rows):.2f} s/100k"
         )
 
 

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -129,7 +129,7 @@ async def process_drain(
     *,
     stream: BatchSupport | None = None,
     cwd: str | None = None,
-    **env: str,
+    env: Mapping[str, str] | None = None,
 ) -> ProcessDrain:
     """``outbox-relay run`` as the user runs it, timed from the commit of ``fill``
     (which writes ``rows`` rows) until the stream holds every one.
@@ -137,14 +137,15 @@ async def process_drain(
     The relay is started and idle first, so its start-up is not in the figure.
     ``stream`` makes the stream first, allowing just those batches, as an operator's
     existing stream (``BatchSupport()``: none, one PubAck per message); by default the
-    relay creates it, allowing every kind the server takes.
+    relay creates it, allowing every kind the server takes. ``env`` and ``cwd``: as
+    :func:`start_relay` takes them.
     """
     nc = await nats.connect(settings.nats_urls[0])
     try:
         js = nc.jetstream()
         if stream is not None:
             await ensure_stream(js, settings, batches=stream)
-        relay = await start_relay(settings, cwd=cwd, **env)
+        relay = await start_relay(settings, cwd=cwd, **(env or {}))
         try:
             while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls
                 await anyio.sleep(0.05)

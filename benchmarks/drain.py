@@ -20,6 +20,7 @@ import statistics
 import time
 import uuid
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -28,7 +29,14 @@ from nats.js.api import StorageType, StreamConfig
 from psycopg import sql
 
 from benchmarks import peers
-from benchmarks.common import fresh_outbox, process_drain, servers
+from benchmarks.common import (
+    ProcessDrain,
+    drop_outbox,
+    fresh_outbox,
+    interleaved_medians,
+    process_drain,
+    servers,
+)
 from benchmarks.peers import PeerDrain, timed_drain
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
@@ -56,6 +64,42 @@ async def preload(
         await conn.execute(
             sql.SQL("VACUUM ANALYZE {}.event_outbox").format(sql.Identifier(settings.schema))
         )
+
+
+@dataclass(frozen=True)
+class RelayRun:
+    """How one contender's ``outbox-relay run`` runs: ``OUTBOX_*`` overrides, and the
+    checkout it runs from (another revision's), if not this one."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+async def interleaved_process_drains(
+    database_url: str,
+    nats_url: str,
+    relays: dict[str, RelayRun],
+    *,
+    rows: int,
+    payload: int,
+    rounds: int,
+    keys: int = 0,
+) -> dict[str, ProcessDrain]:
+    """Each relay drains ``rows`` fresh rows once a round, relays interleaved; the
+    medians of each one's rate and CPU seconds."""
+    cpu: dict[str, list[float]] = {}
+
+    async def measure(name: str) -> float:
+        settings = await fresh_outbox(database_url, nats_url)
+        fill = functools.partial(preload, settings, rows, payload, keys=keys, analyze=False)
+        run = relays[name]
+        drained = await process_drain(settings, rows, fill, cwd=run.cwd, env=run.env)
+        await drop_outbox(settings)  # no vacuum of it during the next drain
+        cpu.setdefault(name, []).append(drained.cpu_seconds)
+        return drained.rows_per_s
+
+    rates = await interleaved_medians(list(relays), rounds, measure)
+    return {name: ProcessDrain(rates[name], statistics.median(cpu[name])) for name in relays}
 
 
 async def relay_drain(

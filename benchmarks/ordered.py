@@ -56,7 +56,7 @@ async def main(rows: int, keys: list[int], rounds: int) -> dict[str, Any]:
                 fill = functools.partial(preload, settings, rows, 300, keys=count, analyze=False)
                 ordering = "true" if mode == "ordered" else "false"
                 drained = await process_drain(
-                    settings, rows, fill, stream=STREAMS[path], OUTBOX_ORDERING=ordering
+                    settings, rows, fill, stream=STREAMS[path], env={"OUTBOX_ORDERING": ordering}
                 )
                 await drop_outbox(settings)  # no vacuum of it during the next cell
                 this_round[name] = drained.rows_per_s
