@@ -60,13 +60,17 @@ FROM (
                                   FROM pg_locks AS l
                                   WHERE l.locktype = 'advisory' AND l.granted
                                     AND l.pid = %(owner_pid)s AND l.objsubid = 2
-                                    AND l.objid = {lock_object}) END)
+                                    AND l.objid = {lock_object}
+                                    -- Not the session's other locks (membership, idle):
+                                    -- shifted, they would stand for partitions.
+                                    AND l.classid::bigint BETWEEN {partition_lock_class}
+                                                              AND {partition_lock_class} + 63) END)
                     >> (hashtext(o.ordering_key) & 63)) & 1 = 1
-                   -- Each probe first asks, once per claim, whether any row could block.
+                   -- Each probe first asks, once per claim, whether any keyed row has
+                   -- failed at all (the failed-row index's first entry); only then are
+                   -- rows probed one by one.
                    AND ((SELECT f.id FROM {outbox_table} AS f
                          WHERE f.ordering_key IS NOT NULL AND f.attempts > 0
-                           AND f.next_attempt_at > now()
-                         -- The order of the failed-row index: searched, never scanned.
                          ORDER BY f.ordering_key, f.id LIMIT 1) IS NULL
                         OR NOT EXISTS (
                             SELECT FROM {outbox_table} AS b

@@ -368,3 +368,35 @@ async def test_a_claim_takes_exactly_the_rows_of_its_partitions(
         claimed = await store.claim(conn, 1000, scope)
         await conn.rollback()
     assert {m.ordering_key for m in claimed} == {key_of[p] for p in partitions}
+
+
+async def test_a_second_session_claims_only_partitions_its_owner_holds(outbox: Settings) -> None:
+    """On a relay's second session a claim takes only the partitions the first session
+    holds. That session's other advisory locks (membership, idle) share the partition
+    locks' object: they must not pass for partitions."""
+    key_of = {p: await _key_in(outbox, [p]) for p in range(KEY_PARTITIONS)}
+    for key in key_of.values():
+        _enqueue(outbox, f"{outbox.subject_prefix}.ok", f"{key}-1", key)
+    store = OutboxStore(outbox.names, RetryPolicy())
+    async with (
+        await connect_postgres(outbox) as owner,
+        await connect_postgres(outbox) as second,
+    ):
+        await store.join_relays(owner)
+        assert await store.take_idle_lock(owner)
+        held = await store.take_partitions(owner, [5, 63], 2)
+        scope = ClaimScope(
+            ordered=True,
+            partitions=frozenset(range(KEY_PARTITIONS)),
+            owner_pid=owner.info.backend_pid,
+        )
+        claimed = await store.claim(second, 1000, scope)
+        await second.rollback()
+    assert (
+        {m.ordering_key for m in claimed}
+        == {key_of[p] for p in held}
+        == {
+            key_of[5],
+            key_of[63],
+        }
+    )
