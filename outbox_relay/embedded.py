@@ -121,7 +121,11 @@ class EmbeddedNats:
         self.port = port  # -1: let the server pick, then read it from its ports file
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         return self
 
     def start(self) -> None:
@@ -147,6 +151,14 @@ class EmbeddedNats:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        try:
+            self.port = self._wait_for_port(ports_dir)
+        except BaseException:
+            self.stop()  # no server left running behind a failed start
+            raise
+
+    def _wait_for_port(self, ports_dir: Path) -> int:
+        assert self._process is not None
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -154,13 +166,13 @@ class EmbeddedNats:
                     f"nats-server exited with {self._process.returncode}: "
                     f"see {self._dir / 'nats-server.log'}"
                 )
-            ports_files = list(ports_dir.glob("*.ports"))
-            if ports_files:
-                ports = json.loads(ports_files[0].read_text())
-                self.port = int(ports["nats"][0].rsplit(":", 1)[1])
-                return
+            for ports_file in ports_dir.glob("*.ports"):
+                try:
+                    ports = json.loads(ports_file.read_text())
+                except ValueError:
+                    continue  # created, not yet written: look again
+                return int(ports["nats"][0].rsplit(":", 1)[1])
             time.sleep(0.02)
-        self.stop()
         raise EmbeddedServerError(f"nats-server did not start within {_START_TIMEOUT:g}s")
 
     @property
