@@ -872,6 +872,11 @@ class Relay:
                     delay,
                 )
                 await anyio.sleep(delay)
+            finally:
+                # psycopg's exit rolls back before it closes; a relay stopping cancels
+                # that rollback, and the connection would stay open until collected.
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
 
 
 def _connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> bool:
