@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,40 +27,6 @@ def anyio_backend() -> str:
 def servers() -> Iterator[Servers]:
     with test_servers() as found:
         yield found
-
-
-# The fault tests' measurements (tests/faults/conftest.py), gathered from their
-# reports where the run is reported: in this process, or pytest-xdist's controller.
-FAULT_RESULT, FAULT_RECOVERY = "fault result", "fault recovery"
-_fault_results: list[tuple[str, dict[str, Any]]] = []
-_fault_recovery: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    for kind, measured in report.user_properties:
-        if kind == FAULT_RESULT:
-            fault, summary = cast(tuple[str, dict[str, Any]], measured)
-            _fault_results.append((fault, summary))
-        elif kind == FAULT_RECOVERY:
-            fault, seconds = cast(tuple[str, float], measured)
-            _fault_recovery[fault] = seconds
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _fault_results:
-        return
-    terminalreporter.section("fault injection: verify after each fault")
-    terminalreporter.write_line(
-        f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}{'unkey':>7}"
-        f"{'rolled back':>12}{'recovery':>10}"
-    )
-    for name, summary in _fault_results:
-        recovery = f"{_fault_recovery[name]:.1f}s" if name in _fault_recovery else "-"
-        terminalreporter.write_line(
-            f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
-            f"{summary['unexpected']:>7}{summary['out_of_order']:>7}{summary['unkeyed']:>7}"
-            f"{summary['rolled_back_by_failover']:>12}{recovery:>10}"
-        )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -23,7 +23,7 @@ from outbox_relay.jetstream import BatchSupport, connect_nats, ensure_stream
 from outbox_relay.producer import Producer
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import RelayProcess
-from tests.conftest import FAULT_RECOVERY, FAULT_RESULT, make_settings, skip_unless_server_takes
+from tests.conftest import make_settings, skip_unless_server_takes
 from tests.helpers import drained, fetch_all, wait_until
 from tests.noetl import EVENT_TABLES, event_columns
 from tests.noetl import migrated as migrated_over
@@ -31,21 +31,29 @@ from tests.servers import Servers
 
 pytestmark = pytest.mark.slow
 
-# What this test measured: (kind, (fault, value)), handed to its report, which
-# carries it to the process that prints the table (tests/conftest.py), with or
-# without pytest-xdist's worker processes.
-MEASURED: list[tuple[str, tuple[str, Any]]] = []
+# What each fault test measured, shown at the end of the run.
+RESULTS: list[tuple[str, dict[str, Any]]] = []
+# Seconds from the end of each fault until the backlog it left was delivered.
+RECOVERY: dict[str, float] = {}
 # The bound the README's fault table states for that; a test past it fails.
 RECOVERY_BOUND = 10.0
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if call.when == "call":
-        report.user_properties.extend(MEASURED)
-        MEASURED.clear()
-    return report
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    terminalreporter.section("fault injection: verify after each fault")
+    terminalreporter.write_line(
+        f"{'fault':<64}{'events':>8}{'lost':>6}{'dup':>5}{'unexp':>7}{'order':>7}{'unkey':>7}"
+        f"{'rolled back':>12}{'recovery':>10}"
+    )
+    for name, summary in RESULTS:
+        recovery = f"{RECOVERY[name]:.1f}s" if name in RECOVERY else "-"
+        terminalreporter.write_line(
+            f"{name:<64}{summary['ok']:>8}{summary['lost']:>6}{summary['duplicate']:>5}"
+            f"{summary['unexpected']:>7}{summary['out_of_order']:>7}{summary['unkeyed']:>7}"
+            f"{summary['rolled_back_by_failover']:>12}{recovery:>10}"
+        )
 
 
 @pytest.fixture
@@ -187,7 +195,7 @@ async def assert_nothing_lost_or_doubled(
     finally:
         await nc.close()
     summary = report.as_dict()
-    MEASURED.append((FAULT_RESULT, (name, summary)))
+    RESULTS.append((name, summary))
     assert summary["lost"] == summary["duplicate"] == summary["unexpected"] == 0, summary
     assert summary["out_of_order"] == summary["unkeyed"] == summary["collided"] == 0, summary
     if not rolled_back_by_failover:
@@ -225,8 +233,7 @@ async def assert_recovered(name: str, settings: Settings, heal: Heal) -> float:
         return bool((await fetch_all(settings, left, (heal.last_row,)))[0][0] == 0)
 
     await wait_until(delivered, within=3 * RECOVERY_BOUND, interval=0.1)
-    elapsed = time.monotonic() - heal.at
-    MEASURED.append((FAULT_RECOVERY, (name, elapsed)))
+    RECOVERY[name] = elapsed = time.monotonic() - heal.at
     assert elapsed <= RECOVERY_BOUND, f"{name}: backlog delivered {elapsed:.1f}s after the heal"
     return elapsed
 
