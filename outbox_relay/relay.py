@@ -213,6 +213,10 @@ class Relay:
         self._spare: psycopg.AsyncConnection[Any] | None = None
         self._claimed: _Batch | None = None
         self._published: _Batch | None = None
+        # Payload bytes per row of the last batch: a claim locks about as many rows as
+        # the byte budget lets it return, since rows locked past the budget hold their
+        # keys back from the next claim until this one ends.
+        self._bytes_per_row = 0.0
         # Shown in pg_stat_activity, so an operator can tell which relay holds what.
         self._application_name = f"outbox-relay {self.relay_id}"[:63]
 
@@ -600,9 +604,9 @@ class Relay:
                 if ready is None:
                     claimed = await self._claim(self._conn, settled=True)
                 elif ready.conn is self._conn:
-                    claimed = await self._claim(self._other_session(), settled=False)
+                    claimed = await self._claim(self._other_session(), in_flight=ready)
                 else:
-                    claimed = await self._claim(self._conn, settled=False)
+                    claimed = await self._claim(self._conn, in_flight=ready)
 
         try:
             await _concurrently(publish, finish_then_claim)
@@ -643,10 +647,17 @@ class Relay:
             raise ServerUnavailableError(self._reopen_error or "connection closed")
         return self._spare
 
-    async def _claim(self, conn: psycopg.AsyncConnection[Any], *, settled: bool) -> _Batch | None:
+    async def _claim(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        settled: bool = False,
+        in_flight: _Batch | None = None,
+    ) -> _Batch | None:
         """Claim a batch in a transaction of ``conn``, left open; None if nothing is due.
 
         ``settled``: no other batch is in flight, so partitions may be given back.
+        ``in_flight``: the batch the other session publishes meanwhile, before this one.
         """
         if conn.closed:
             raise ServerUnavailableError(self._reopen_error or "connection closed")
@@ -661,15 +672,18 @@ class Relay:
                 hold_behind_dead_letters=settings.dead_letter_policy == "hold",
                 # The main session holds the partitions; it may be gone (frozen relay).
                 owner_pid=None if conn is self._conn else self._conn.info.backend_pid,
+                in_flight=[m.id for m in in_flight.messages] if in_flight else (),
             )
-        messages = await self._store.claim(
-            conn, settings.batch_size, scope, max_bytes=settings.batch_max_bytes
-        )
+        limit = settings.batch_size
+        if self._bytes_per_row:
+            limit = max(1, min(limit, int(settings.batch_max_bytes / self._bytes_per_row) + 1))
+        messages = await self._store.claim(conn, limit, scope, max_bytes=settings.batch_max_bytes)
         # Past this no wave starts: the claim's locks may be gone by then.
         send_until = time.monotonic() + settings.publish_timeout
         if not messages:
             await conn.rollback()
             return None
+        self._bytes_per_row = sum(len(m.payload) for m in messages) / len(messages)
         self.metrics.set_state(RelayState.BUSY)
         self.metrics.batch_rows.observe(len(messages))
         failpoint(AFTER_CLAIM)

@@ -126,6 +126,9 @@ class ClaimScope:
     # The backend holding the partitions' locks, when the claim runs on another
     # session: only partitions it still holds are claimed.
     owner_pid: int | None = None
+    # Rows this relay's other session has claimed and publishes before this claim's:
+    # the only rows of a key that may lie below it outside the claim.
+    in_flight: Sequence[int] = ()
 
     def params(self) -> dict[str, Any]:
         return {
@@ -133,6 +136,7 @@ class ClaimScope:
             "partition_mask": _partition_mask(self.partitions),
             "hold": self.hold_behind_dead_letters,
             "owner_pid": self.owner_pid,
+            "in_flight": list(self.in_flight),
         }
 
 

@@ -400,3 +400,108 @@ async def test_a_second_session_claims_only_partitions_its_owner_holds(outbox: S
             key_of[63],
         }
     )
+
+
+def _enqueue_backlog(settings: Settings, keys: int, each: int, payload_bytes: int) -> list[str]:
+    """``keys * each`` rows inserted by one statement through the SQL function, each
+    key's rows interleaved with the others' in id order; returns msg ids in id order."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "SELECT {}.event_outbox_enqueue(%(subject)s, convert_to(repeat('x', %(size)s),"
+                " 'UTF8'), 'k' || (n %% %(keys)s) || '-' || (n / %(keys)s), NULL, NULL,"
+                " 'k' || (n %% %(keys)s)) FROM generate_series(0, %(rows)s - 1) AS n ORDER BY n"
+            ).format(sql.Identifier(settings.schema)),
+            {
+                "subject": f"{settings.subject_prefix}.ok",
+                "size": payload_bytes,
+                "keys": keys,
+                "rows": keys * each,
+            },
+        )
+    return [f"k{n % keys}-{n // keys}" for n in range(keys * each)]
+
+
+def _per_key(msg_ids: Sequence[str]) -> dict[str, list[str]]:
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for msg_id in msg_ids:
+        by_key[msg_id.rsplit("-", 1)[0]].append(msg_id)
+    return dict(by_key)
+
+
+async def test_a_claim_never_passes_a_row_of_its_key_that_another_session_holds(
+    outbox: Settings,
+) -> None:
+    """An old owner's session still holds claimed rows of a key after its partitions
+    moved on (its other session died first): the new owner's claim, skipping those
+    locked rows, must not take the key's later rows. Other keys flow."""
+    _enqueue_backlog(outbox, keys=2, each=4, payload_bytes=10)
+    store = OutboxStore(outbox.names, RetryPolicy())
+    everything = ClaimScope(ordered=True, partitions=frozenset(range(KEY_PARTITIONS)))
+    async with (
+        await connect_postgres(outbox) as old_owner,
+        await connect_postgres(outbox) as new_owner,
+    ):
+        # The old owner's claim: k0-0, k1-0, k0-1 (id order), still locked.
+        held = await store.claim(old_owner, 3, everything)
+        assert [m.event_id for m in held] == ["k0-0", "k1-0", "k0-1"]
+        taken = await store.claim(new_owner, 100, everything)
+        await new_owner.rollback()
+        assert [m.event_id for m in taken] == []  # both keys have rows held
+        await old_owner.execute(
+            sql.SQL("DELETE FROM {} WHERE event_id = 'k1-0'").format(
+                sql.Identifier(outbox.schema, "event_outbox")
+            )
+        )
+        await old_owner.commit()  # k1-0 published; k0-0 and k0-1 given back
+        held = await store.claim(old_owner, 1, everything)  # k0-0 claimed again
+        taken = await store.claim(new_owner, 100, everything)
+        await new_owner.rollback()
+        await old_owner.rollback()
+    assert [m.event_id for m in held] == ["k0-0"]
+    assert [m.event_id for m in taken] == ["k1-1", "k1-2", "k1-3"]
+
+
+async def test_a_claim_never_passes_rows_its_other_session_locked_beyond_the_byte_budget(
+    outbox: Settings,
+) -> None:
+    """A claim locks ``limit`` rows but returns those within the byte budget; the rest
+    stay locked. The relay's next claim, on its other session, passes over them: it
+    must not take later rows of their keys, only rows behind what is in flight."""
+    _enqueue_backlog(outbox, keys=1, each=8, payload_bytes=1000)
+    store = OutboxStore(outbox.names, RetryPolicy())
+    everything = ClaimScope(ordered=True, partitions=frozenset(range(KEY_PARTITIONS)))
+    async with (
+        await connect_postgres(outbox) as first,
+        await connect_postgres(outbox) as second,
+    ):
+        in_flight = await store.claim(first, 4, everything, max_bytes=1500)
+        assert [m.event_id for m in in_flight] == ["k0-0", "k0-1"]  # k0-2, k0-3 locked
+        after = replace(everything, in_flight=[m.id for m in in_flight])
+        taken = await store.claim(second, 4, after)
+        await second.rollback()
+        await first.rollback()
+        assert taken == []
+        # Rows locked only because they are in flight do not hold the key back.
+        in_flight = await store.claim(first, 2, everything)
+        after = replace(everything, in_flight=[m.id for m in in_flight])
+        taken = await store.claim(second, 2, after)
+        await second.rollback()
+        await first.rollback()
+    assert [m.event_id for m in taken] == ["k0-2", "k0-3"]
+
+
+@pytest.mark.parametrize(("payload_bytes", "max_bytes"), [(12_000, None), (1_100, 20_000)])
+async def test_a_byte_bounded_backlog_keeps_every_key_in_order(
+    outbox: Settings, nc: NATS, payload_bytes: int, max_bytes: int | None
+) -> None:
+    """A backlog written by one statement over a few keys, batches cut by bytes before
+    rows (the default budget with 12 KB rows, or a small budget): each key's rows reach
+    the stream in id order."""
+    settings = outbox if max_bytes is None else replace(outbox, batch_max_bytes=max_bytes)
+    expected = _enqueue_backlog(settings, keys=20, each=200, payload_bytes=payload_bytes)
+    async with running_relay(settings):
+        await wait_until(lambda: drained(settings), within=120)
+    stored = await _stored(nc, settings)
+    assert sorted(stored) == sorted(expected)
+    assert _per_key(stored) == _per_key(expected)
