@@ -13,6 +13,7 @@ from psycopg.types.json import set_json_loads
 
 from outbox_relay.config import Settings, describe_database
 from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
+from outbox_relay.queries import query
 
 # A server that vanishes without a RST (a network partition) must fail the connection
 # within seconds, not after the kernel's defaults (two hours idle, ~15 minutes of
@@ -62,6 +63,13 @@ async def connect_postgres(
             f"({reason}): check --database-url / OUTBOX_DATABASE_URL or the PG* variables"
         ) from exc
     set_json_loads(orjson.loads, conn)
+    try:
+        await conn.execute(query("no_jit", settings.names))
+        if not autocommit:
+            await conn.commit()
+    except BaseException:
+        await conn.close()
+        raise
     return conn
 
 
