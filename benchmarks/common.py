@@ -148,6 +148,12 @@ async def process_drain(
         relay = await start_relay(settings, cwd=cwd, **(env or {}))
         try:
             while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls
+                if relay.returncode is not None:
+                    # A relay that cannot start (say, fenced by a newer schema) would
+                    # otherwise leave this waiting for ever.
+                    assert relay.stderr is not None
+                    reason = (await relay.stderr.receive()).decode(errors="replace").strip()
+                    raise RuntimeError(f"the relay exited {relay.returncode}: {reason}")
                 await anyio.sleep(0.05)
             await anyio.sleep(0.5)  # past start-up, asleep on an empty outbox
             process = psutil.Process(relay.pid)
