@@ -147,7 +147,7 @@ async def process_drain(
             await ensure_stream(js, settings, batches=stream)
         relay = await start_relay(settings, cwd=cwd, **(env or {}))
         try:
-            while not await _has_stream(js, settings.stream):  # noqa: ASYNC110 - polls
+            while not await _has_stream(js, settings.stream):
                 if relay.returncode is not None:
                     # A relay that cannot start (say, fenced by a newer schema) would
                     # otherwise leave this waiting for ever.
