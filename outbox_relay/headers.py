@@ -1,7 +1,8 @@
 """NATS message header rules and sizes, shared by the producer (at write time) and the
 relay (the last line of defence, for rows that reached the outbox another way).
 
-Mirrored by the CHECK constraints of sql/migrations/0007_row_checks.sql.
+Mirrored by the CHECK constraints of sql/migrations/0007_row_checks.sql and
+0008_same_rows_every_path.sql, so the SQL path accepts exactly the same rows.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 ORDERING_KEY_HEADER = "Outbox-Ordering-Key"
 SEQUENCE_HEADER = "Outbox-Sequence"
 # Set by the relay on every message (or every keyed one); a producer must not give them.
-RESERVED_HEADERS = frozenset(
-    h.lower() for h in (MSG_ID_HEADER, EXPECTED_STREAM_HEADER, ORDERING_KEY_HEADER, SEQUENCE_HEADER)
-)
+RESERVED_HEADERS = frozenset(h.lower() for h in (ORDERING_KEY_HEADER, SEQUENCE_HEADER))
+# The server's and the relay's namespace: Nats-Required-Api-Level left whole batches
+# unanswered, Nats-Expected-* and Nats-Batch-* headers fight the relay's own.
+_SERVER_PREFIX = "nats-"
 # RFC 7230 token, as nats-py checks header names before it sends them.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Breaks the header block (CR, LF) or cannot be stored in PostgreSQL text (NUL).
@@ -44,6 +46,11 @@ def validate_headers(headers: Any) -> dict[str, str]:
     for name, value in checked.items():
         if name.lower() in RESERVED_HEADERS:
             raise InvalidHeadersError(f"header {name!r} is set by the relay and cannot be given")
+        if name.lower().startswith(_SERVER_PREFIX):
+            raise InvalidHeadersError(
+                f"header {name!r}: Nats-* headers are set by the relay and the server, never "
+                "by a producer (the relay sets Nats-Msg-Id from the msg id)"
+            )
         if name.lower() == "traceparent" and not _TRACEPARENT.match(value):
             # Carried to consumers as is: a malformed one would break their traces.
             raise InvalidHeadersError(
@@ -73,12 +80,17 @@ def sendable_headers(headers: Any) -> dict[str, str]:
 
 
 def validate_header_value(name: str, value: str) -> str:
-    """``value`` if it fits on one header line (the msg id and ordering key too)."""
-    if value.isascii() and value.isprintable():
-        return value  # the common case, once per row: no line break, no NUL, encodable
+    """``value`` if it fits on one header line (the msg id and ordering key too) and
+    goes out as it is: NATS clients strip blanks around a value, so none may be there."""
+    if value.isascii() and value.isprintable() and value[:1] != " " and value[-1:] != " ":
+        return value  # the common case, once per row: no line break, no NUL, no blank
     if any(ch in value for ch in _LINE_BREAKERS):
         raise InvalidHeadersError(
             f"{name} {value!r} must be a one-line string without NUL characters"
+        )
+    if value != value.strip():
+        raise InvalidHeadersError(
+            f"{name} {value!r} must not begin or end with a blank: it would be sent stripped"
         )
     try:
         value.encode()

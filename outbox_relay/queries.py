@@ -113,6 +113,7 @@ class Names:
             "claim_fence_function": q("event_outbox_claim_fence"),
             "headers_valid_function": q("event_outbox_headers_valid"),
             "wire_size_function": q("event_outbox_wire_size"),
+            "unpadded_function": q("event_outbox_unpadded"),
             "instance_sequence": q("event_outbox_instance"),
             "channel": sql.Identifier(self.channel),
             "idle_lock": sql.SQL("{}, {}").format(

@@ -209,20 +209,26 @@ async def test_replay_refuses_events_whose_subject_nats_could_not_take(outbox: S
             )
 
 
-async def test_migration_0007_moves_rows_it_would_refuse_to_the_dead_letters(
-    unmigrated: Settings,
-) -> None:
-    names = unmigrated.names
-    async with await connect_postgres(unmigrated) as conn:
+async def _migrated_before(settings: Settings, version: int) -> None:
+    """The schema as it was before migration ``version``."""
+    names = settings.names
+    async with await connect_postgres(settings) as conn:
         await conn.execute(query("create_migrations_table", names))
         for migration in migrations():
-            if migration.version < 7:  # the schema as it was before the constraints
+            if migration.version < version:
                 await conn.execute(render(migration.text, names))
                 await conn.execute(
                     query("record_migration", names),
                     {"version": migration.version, "name": migration.name},
                 )
         await conn.commit()
+
+
+async def test_migration_0007_moves_rows_it_would_refuse_to_the_dead_letters(
+    unmigrated: Settings,
+) -> None:
+    names = unmigrated.names
+    await _migrated_before(unmigrated, 7)  # before the constraints
     with psycopg.connect(unmigrated.database_url, autocommit=True) as sync:
         enqueue_sql(sync, unmigrated, "a.b", "bad-header", headers={"x-retry-count": 1})
         enqueue_sql(sync, unmigrated, "a." + "b" * 5000, "long-subject")
@@ -237,6 +243,38 @@ async def test_migration_0007_moves_rows_it_would_refuse_to_the_dead_letters(
     )
     assert [event_id for event_id, _ in dead] == ["bad-header", "long-subject"]
     assert all("migration 0007" in reason for _, reason in dead)
+    pending = await fetch_all(
+        unmigrated,
+        sql.SQL("SELECT event_id FROM {}.event_outbox").format(sql.Identifier(unmigrated.schema)),
+    )
+    assert pending == [("fine",)]
+
+
+async def test_migration_0008_moves_rows_the_relay_would_alter_to_the_dead_letters(
+    unmigrated: Settings,
+) -> None:
+    await _migrated_before(unmigrated, 8)
+    with psycopg.connect(unmigrated.database_url, autocommit=True) as sync:
+        enqueue_sql(sync, unmigrated, "a.b", "padded-id ")
+        enqueue_sql(sync, unmigrated, "a.b", "api-level", headers={"Nats-Required-Api-Level": "9"})
+        enqueue_sql(sync, unmigrated, "a.b", "padded-value", headers={"x": " y"})
+        enqueue_sql(sync, unmigrated, "a.\u00a0", "blank-subject")
+        enqueue_sql(sync, unmigrated, "a.b", "fine", headers={"x": "y z"})
+    async with await connect_postgres(unmigrated) as conn:
+        await migrate(conn, unmigrated.names)
+    dead = await fetch_all(
+        unmigrated,
+        sql.SQL("SELECT event_id, reason FROM {}.event_outbox_dead_letter ORDER BY id").format(
+            sql.Identifier(unmigrated.schema)
+        ),
+    )
+    assert [event_id for event_id, _ in dead] == [
+        "padded-id ",
+        "api-level",
+        "padded-value",
+        "blank-subject",
+    ]
+    assert all("migration 0008" in reason for _, reason in dead)
     pending = await fetch_all(
         unmigrated,
         sql.SQL("SELECT event_id FROM {}.event_outbox").format(sql.Identifier(unmigrated.schema)),
