@@ -61,6 +61,9 @@ class PartitionOwner:
         self._interval = interval
         self._next_check = 0.0
         self.owned: frozenset[int] = frozenset()
+        # Owned, but an old owner's session still holds claimed rows of them: claiming
+        # past those rows would put the key's later rows first.
+        self.contested: frozenset[int] = frozenset()
         # Below its share, with none free: others still hold surplus to give back.
         self.short = False
         # Counted among the relays; False after leave() until the next join().
@@ -71,6 +74,7 @@ class PartitionOwner:
     def forget(self) -> None:
         """The session is gone, and with it every lock it held."""
         self.owned = frozenset()
+        self.contested = frozenset()
         self.short = False
         self.joined = False
         self.must_settle = False
@@ -89,11 +93,18 @@ class PartitionOwner:
         self.forget()
         await self._store.announce_partitions(conn)
 
+    @property
+    def claimable(self) -> frozenset[int]:
+        """The partitions whose keyed rows this relay may claim now."""
+        return self.owned - self.contested
+
     async def rebalance(self, conn: psycopg.AsyncConnection[Any], *, settled: bool) -> None:
         """Take or give back partitions towards the fair share. Giving back waits until
         the relay is ``settled`` (no batch in flight): the next owner must not publish
         a key's later rows before this relay's earlier ones; until then
         :attr:`must_settle` asks the relay to settle."""
+        if self.contested:
+            self.contested = await self._store.contested_partitions(conn, sorted(self.contested))
         now = time.monotonic()
         if not self.joined or now < self._next_check:
             return
@@ -111,4 +122,5 @@ class PartitionOwner:
             free = [p for p in self._order if p not in self.owned]
             taken = await self._store.take_partitions(conn, free, decided.take)
             self.owned |= set(taken)
+            self.contested |= await self._store.contested_partitions(conn, taken)
             self.short = len(taken) < decided.take

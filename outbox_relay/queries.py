@@ -33,6 +33,8 @@ IDLE_LOCK_CLASS = 0x4F52  # first key of our advisory locks ("OR"), an int4
 KEY_LOCK_CLASS = 0x4F4B
 MEMBER_LOCK_CLASS = 0x4F4D  # held shared by every running relay ("OM")
 PARTITION_LOCK_CLASS = 0x4F500000  # + partition number: owned by one relay
+# + partition number: held shared by every claim that may take rows of it ("OC").
+CLAIMED_LOCK_CLASS = 0x4F430000
 KEY_PARTITIONS = 64  # ordering keys hash into this many (0004_ordered_delivery.sql)
 # Outbox-Sequence is (claim << CLAIM_SHIFT) + place in the claim (0005_causal_ordering.sql).
 CLAIM_SHIFT = 20
@@ -128,6 +130,7 @@ class Names:
                 sql.Literal(MEMBER_LOCK_CLASS), sql.Literal(self.lock_object)
             ),
             "partition_lock_class": sql.Literal(PARTITION_LOCK_CLASS),
+            "claimed_lock_class": sql.Literal(CLAIMED_LOCK_CLASS),
             "channel_literal": sql.Literal(self.channel),
         }
 

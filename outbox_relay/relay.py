@@ -127,6 +127,9 @@ class _Batch:
     conn: psycopg.AsyncConnection[Any]
     messages: list[OutboxMessage]
     send_until: float  # monotonic: no publish starts after it
+    # Reached the byte budget: rows of it may be locked but not returned, which a
+    # claim meanwhile would skip, taking their keys' later rows.
+    locks_more: bool = False
     result: BatchResult = field(default_factory=BatchResult)
 
     @property
@@ -578,8 +581,9 @@ class Relay:
         A claim overlaps a publish only when nothing can go out of order: in ordered
         mode a batch claimed during the publish of the one before holds back the keys
         that batch did not get stored (their later rows may be in it), and while it
-        holds any, or partitions are to be given back, the next claim waits until
-        nothing is in flight.
+        holds any, or partitions are to be given back, or the batch published holds
+        rows locked past the byte budget, the next claim waits until nothing is in
+        flight.
         """
         ready, finishing = self._claimed, self._published
         self._claimed = self._published = None
@@ -587,7 +591,10 @@ class Relay:
         if ready is not None and finishing is not None and self.settings.ordered:
             held = finishing.unsettled_keys()
         claim = not self._stopping.is_set() and (
-            ready is None or not (held or self._partitions.must_settle)
+            ready is None
+            or not (
+                held or self._partitions.must_settle or (self.settings.ordered and ready.locks_more)
+            )
         )
         claimed: _Batch | None = None
 
@@ -604,9 +611,9 @@ class Relay:
                 if ready is None:
                     claimed = await self._claim(self._conn, settled=True)
                 elif ready.conn is self._conn:
-                    claimed = await self._claim(self._other_session(), in_flight=ready)
+                    claimed = await self._claim(self._other_session())
                 else:
-                    claimed = await self._claim(self._conn, in_flight=ready)
+                    claimed = await self._claim(self._conn)
 
         try:
             await _concurrently(publish, finish_then_claim)
@@ -648,16 +655,11 @@ class Relay:
         return self._spare
 
     async def _claim(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        *,
-        settled: bool = False,
-        in_flight: _Batch | None = None,
+        self, conn: psycopg.AsyncConnection[Any], *, settled: bool = False
     ) -> _Batch | None:
         """Claim a batch in a transaction of ``conn``, left open; None if nothing is due.
 
         ``settled``: no other batch is in flight, so partitions may be given back.
-        ``in_flight``: the batch the other session publishes meanwhile, before this one.
         """
         if conn.closed:
             raise ServerUnavailableError(self._reopen_error or "connection closed")
@@ -668,26 +670,27 @@ class Relay:
                 await self._partitions.rebalance(conn, settled=settled)
             scope = ClaimScope(
                 ordered=True,
-                partitions=self._partitions.owned,
+                partitions=self._partitions.claimable,
                 hold_behind_dead_letters=settings.dead_letter_policy == "hold",
                 # The main session holds the partitions; it may be gone (frozen relay).
                 owner_pid=None if conn is self._conn else self._conn.info.backend_pid,
-                in_flight=[m.id for m in in_flight.messages] if in_flight else (),
             )
         limit = settings.batch_size
         if self._bytes_per_row:
-            limit = max(1, min(limit, int(settings.batch_max_bytes / self._bytes_per_row) + 1))
+            limit = max(1, min(limit, int(settings.batch_max_bytes / self._bytes_per_row)))
         messages = await self._store.claim(conn, limit, scope, max_bytes=settings.batch_max_bytes)
         # Past this no wave starts: the claim's locks may be gone by then.
         send_until = time.monotonic() + settings.publish_timeout
         if not messages:
             await conn.rollback()
             return None
-        self._bytes_per_row = sum(len(m.payload) for m in messages) / len(messages)
+        payload_bytes = sum(len(m.payload) for m in messages)
+        self._bytes_per_row = payload_bytes / len(messages)
         self.metrics.set_state(RelayState.BUSY)
         self.metrics.batch_rows.observe(len(messages))
         failpoint(AFTER_CLAIM)
-        return _Batch(conn, messages, send_until)
+        # Rows past the byte budget, if any, stay locked: only a batch that reached it.
+        return _Batch(conn, messages, send_until, payload_bytes >= settings.batch_max_bytes)
 
     async def _publish(self, batch: _Batch, publisher: Publisher, held: frozenset[str]) -> None:
         """Publish ``batch`` but for the rows of ``held`` keys, which stay in the outbox."""

@@ -126,27 +126,17 @@ class ClaimScope:
     # The backend holding the partitions' locks, when the claim runs on another
     # session: only partitions it still holds are claimed.
     owner_pid: int | None = None
-    # Rows this relay's other session has claimed and publishes before this claim's:
-    # the only rows of a key that may lie below it outside the claim.
-    in_flight: Sequence[int] = ()
 
     def params(self) -> dict[str, Any]:
         return {
             "ordered": self.ordered,
-            "partition_mask": _partition_mask(self.partitions),
+            "partitions": sorted(self.partitions),
             "hold": self.hold_behind_dead_letters,
             "owner_pid": self.owner_pid,
-            "in_flight": list(self.in_flight),
         }
 
 
 UNORDERED = ClaimScope()
-
-
-def _partition_mask(partitions: frozenset[int]) -> int:
-    """Bit p set for partition p, read as PostgreSQL's signed bigint (64 partitions)."""
-    mask = sum(1 << p for p in partitions)
-    return mask - (1 << 64) if mask >= 1 << 63 else mask
 
 
 class OutboxStore:
@@ -169,6 +159,7 @@ class OutboxStore:
         self._count_relays = query("count_relays", names)
         self._take_partitions = query("take_partitions", names)
         self._release_partitions = query("release_partitions", names)
+        self._contested_partitions = query("contested_partitions", names)
         self._leave_relays = query("leave_relays", names)
         self._partition_squatters = query("partition_squatters", names)
         self._announce_partitions = query("announce_partitions", names)
@@ -314,6 +305,17 @@ class OutboxStore:
                 self._take_partitions, {"candidates": list(candidates), "wanted": wanted}
             )
             return [int(row[0]) for row in await cur.fetchall()]
+
+    async def contested_partitions(
+        self, conn: psycopg.AsyncConnection[Any], partitions: Sequence[int]
+    ) -> frozenset[int]:
+        """Of ``partitions`` (held by this session), those whose rows another session
+        still holds claimed: an old owner's, still publishing or not yet timed out."""
+        if not partitions:
+            return frozenset()
+        async with conn.transaction():
+            cur = await conn.execute(self._contested_partitions, {"partitions": list(partitions)})
+            return frozenset(int(row[0]) for row in await cur.fetchall())
 
     async def release_partitions(
         self, conn: psycopg.AsyncConnection[Any], partitions: Sequence[int]

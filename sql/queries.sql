@@ -37,80 +37,71 @@ SELECT coalesce(max(version), 0) FROM {migrations_table};
 --
 -- The batch is bounded by rows and by payload bytes: of the rows locked, the relay
 -- gets those that start below the byte budget (always at least one). The others
--- stay locked until the batch ends and go out in the next one, still in id order.
---
--- Ordered mode, last: SKIP LOCKED passes over rows another session holds, and a key's
--- later rows must not go out before them. Such a row may be an old owner's still
--- claimed row after its partition moved on, or this relay's own row locked but cut
--- by the byte budget on its other session. So each key returned is cut at its first
--- row in the table, below the batch's last, that is neither returned nor in flight
--- on this relay's other session (%(in_flight)s, published before this batch).
-WITH locked AS MATERIALIZED (
-    SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
-    FROM {outbox_table} AS o
-    WHERE {claim_fence_function}(%(schema_version)s)
-      AND o.next_attempt_at <= now()
-      AND (o.ordering_key IS NULL
-           OR NOT %(ordered)s
-           -- Partitions as bits of one bigint (64 partitions): one test per row.
-           OR (((%(partition_mask)s::bigint
-                 -- Claimed on a relay's second session: only partitions its first
-                 -- session still holds (that one may have died meanwhile).
-                 & CASE WHEN %(owner_pid)s::int IS NULL THEN -1::bigint
-                        ELSE (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
-                                                     - {partition_lock_class})::int), 0)
-                              FROM pg_locks AS l
-                              WHERE l.locktype = 'advisory' AND l.granted
-                                AND l.pid = %(owner_pid)s AND l.objsubid = 2
-                                AND l.objid = {lock_object}
-                                -- Not the session's other locks (membership, idle):
-                                -- shifted, they would stand for partitions.
-                                AND l.classid::bigint BETWEEN {partition_lock_class}
-                                                          AND {partition_lock_class} + 63) END)
-                >> (hashtext(o.ordering_key) & 63)) & 1 = 1
-               -- Each probe first asks, once per claim, whether any keyed row has
-               -- failed at all (the failed-row index's first entry); only then are
-               -- rows probed one by one.
-               AND ((SELECT f.id FROM {outbox_table} AS f
-                     WHERE f.ordering_key IS NOT NULL AND f.attempts > 0
-                     ORDER BY f.ordering_key, f.id LIMIT 1) IS NULL
-                    OR NOT EXISTS (
-                        SELECT FROM {outbox_table} AS b
-                        WHERE b.ordering_key = o.ordering_key AND b.id < o.id
-                          AND b.attempts > 0 AND b.next_attempt_at > now()))
-               AND NOT (%(hold)s
-                        AND (SELECT e.id FROM {dead_letter_table} AS e
-                             WHERE e.ordering_key IS NOT NULL
-                             ORDER BY e.ordering_key, e.id LIMIT 1) IS NOT NULL
-                        AND EXISTS (
-                            SELECT FROM {dead_letter_table} AS d
-                            WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
-    ORDER BY o.id
-    LIMIT %(limit)s
-    FOR UPDATE OF o SKIP LOCKED
-), returned AS MATERIALIZED (
-    SELECT c.* FROM (
-        SELECT l.*, sum(octet_length(l.payload)) OVER (ORDER BY l.id ROWS UNBOUNDED PRECEDING)
-                    - octet_length(l.payload) AS bytes_before
-        FROM locked AS l
-    ) AS c
-    WHERE c.bytes_before < %(max_bytes)s
-), first_gap AS (
-    -- One read of the id range the claim walked; rows of other keys drop out at once.
-    SELECT g.ordering_key, min(g.id) AS id
-    FROM {outbox_table} AS g
-    WHERE %(ordered)s
-      AND g.id < (SELECT max(r.id) FROM returned AS r WHERE r.ordering_key IS NOT NULL)
-      AND g.ordering_key IN (SELECT r.ordering_key FROM returned AS r)
-      AND NOT EXISTS (SELECT FROM returned AS r WHERE r.id = g.id)
-      AND NOT EXISTS (SELECT FROM unnest(%(in_flight)s::bigint[]) AS f(id) WHERE f.id = g.id)
-    GROUP BY g.ordering_key
+-- stay locked until the batch ends and go out in the next one, still in id order;
+-- in ordered mode the relay claims nothing else meanwhile, or that claim would skip
+-- them and take later rows of their keys.
+WITH claimed AS MATERIALIZED (
+    -- Ordered mode: the claim holds each partition it may take rows of in share
+    -- mode until it ends, as its row locks last. A relay that takes a partition over
+    -- probes this lock (contested_partitions): while an old owner's session still
+    -- holds rows of it, the newcomer leaves the partition alone. Taken before the
+    -- owner check below, so a hand-off between the two is seen by one or the other.
+    SELECT coalesce(bit_or(1::bigint << p), 0) AS mask
+    FROM unnest(%(partitions)s::int[]) AS p
+    WHERE %(ordered)s AND pg_try_advisory_xact_lock_shared({claimed_lock_class} + p, {lock_object})
+), claimable AS MATERIALIZED (
+    -- Partitions as bits of one bigint (64 partitions): one test per row.
+    SELECT (SELECT c.mask FROM claimed AS c)
+           -- Claimed on a relay's second session: only partitions its first session
+           -- still holds (that one may have died meanwhile).
+           & CASE WHEN %(owner_pid)s::int IS NULL THEN -1::bigint
+                  ELSE (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
+                                               - {partition_lock_class})::int), 0)
+                        FROM pg_locks AS l
+                        WHERE l.locktype = 'advisory' AND l.granted
+                          AND l.pid = %(owner_pid)s AND l.objsubid = 2
+                          AND l.objid = {lock_object}
+                          -- Not the session's other locks (membership, idle):
+                          -- shifted, they would stand for partitions.
+                          AND l.classid::bigint BETWEEN {partition_lock_class}
+                                                    AND {partition_lock_class} + 63) END AS mask
 )
 SELECT s.id, s.event_id, s.subject, s.payload, s.headers, s.ordering_key,
        (SELECT nextval({claim_sequence_literal}::regclass)) AS claim
-FROM returned AS s
-LEFT JOIN first_gap AS gap ON gap.ordering_key = s.ordering_key
-WHERE gap.id IS NULL OR s.id < gap.id
+FROM (
+    SELECT c.*, sum(octet_length(c.payload)) OVER (ORDER BY c.id ROWS UNBOUNDED PRECEDING)
+                - octet_length(c.payload) AS bytes_before
+    FROM (
+        SELECT o.id, o.event_id, o.subject, o.payload, o.headers, o.ordering_key
+        FROM {outbox_table} AS o
+        WHERE {claim_fence_function}(%(schema_version)s)
+          AND o.next_attempt_at <= now()
+          AND (o.ordering_key IS NULL
+               OR NOT %(ordered)s
+               OR (((SELECT mask FROM claimable) >> (hashtext(o.ordering_key) & 63)) & 1 = 1
+                   -- Each probe first asks, once per claim, whether any keyed row has
+                   -- failed at all (the failed-row index's first entry); only then are
+                   -- rows probed one by one.
+                   AND ((SELECT f.id FROM {outbox_table} AS f
+                         WHERE f.ordering_key IS NOT NULL AND f.attempts > 0
+                         ORDER BY f.ordering_key, f.id LIMIT 1) IS NULL
+                        OR NOT EXISTS (
+                            SELECT FROM {outbox_table} AS b
+                            WHERE b.ordering_key = o.ordering_key AND b.id < o.id
+                              AND b.attempts > 0 AND b.next_attempt_at > now()))
+                   AND NOT (%(hold)s
+                            AND (SELECT e.id FROM {dead_letter_table} AS e
+                                 WHERE e.ordering_key IS NOT NULL
+                                 ORDER BY e.ordering_key, e.id LIMIT 1) IS NOT NULL
+                            AND EXISTS (
+                                SELECT FROM {dead_letter_table} AS d
+                                WHERE d.ordering_key = o.ordering_key AND d.id < o.id))))
+        ORDER BY o.id
+        LIMIT %(limit)s
+        FOR UPDATE OF o SKIP LOCKED
+    ) AS c
+) AS s
+WHERE s.bytes_before < %(max_bytes)s
 ORDER BY s.id;
 
 -- name: delete_published
@@ -362,6 +353,14 @@ SELECT pg_notify({channel_literal}, '');
 SELECT c.p FROM unnest(%(candidates)s::int[]) AS c(p)
 WHERE pg_try_advisory_lock({partition_lock_class} + c.p, {lock_object})
 LIMIT %(wanted)s;
+
+-- name: contested_partitions
+-- Of partitions just taken, those an old owner's session still holds claimed rows of
+-- (see claim_batch): each is tried exclusively for an instant, and let go at once.
+SELECT p FROM unnest(%(partitions)s::int[]) AS p
+WHERE CASE WHEN pg_try_advisory_lock({claimed_lock_class} + p, {lock_object})
+           THEN NOT pg_advisory_unlock({claimed_lock_class} + p, {lock_object})
+           ELSE true END;
 
 -- name: release_partitions
 SELECT pg_advisory_unlock({partition_lock_class} + p, {lock_object})

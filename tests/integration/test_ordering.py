@@ -21,7 +21,7 @@ from psycopg import sql
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.dead_letters import DeadLetterFilter, purge_dead_letters
-from outbox_relay.partitions import plan, preference
+from outbox_relay.partitions import PartitionOwner, plan, preference
 from outbox_relay.producer import Producer
 from outbox_relay.queries import KEY_PARTITIONS
 from outbox_relay.store import ClaimScope, OutboxStore, RetryPolicy
@@ -429,66 +429,39 @@ def _per_key(msg_ids: Sequence[str]) -> dict[str, list[str]]:
     return dict(by_key)
 
 
-async def test_a_claim_never_passes_a_row_of_its_key_that_another_session_holds(
+async def test_a_partition_taken_over_is_not_claimed_while_its_old_owner_holds_rows(
     outbox: Settings,
 ) -> None:
-    """An old owner's session still holds claimed rows of a key after its partitions
-    moved on (its other session died first): the new owner's claim, skipping those
-    locked rows, must not take the key's later rows. Other keys flow."""
+    """A relay's main session (holding its partitions) dies first while its second
+    session still holds claimed rows: the relay taking the partitions over must not
+    claim past those rows, taking their keys' later rows, until they are let go."""
     _enqueue_backlog(outbox, keys=2, each=4, payload_bytes=10)
     store = OutboxStore(outbox.names, RetryPolicy())
-    everything = ClaimScope(ordered=True, partitions=frozenset(range(KEY_PARTITIONS)))
+    every = frozenset(range(KEY_PARTITIONS))
     async with (
-        await connect_postgres(outbox) as old_owner,
-        await connect_postgres(outbox) as new_owner,
+        await connect_postgres(outbox) as old_main,
+        await connect_postgres(outbox) as old_second,
+        await connect_postgres(outbox) as new_main,
     ):
-        # The old owner's claim: k0-0, k1-0, k0-1 (id order), still locked.
-        held = await store.claim(old_owner, 3, everything)
+        await store.join_relays(old_main)
+        assert len(await store.take_partitions(old_main, sorted(every), KEY_PARTITIONS)) == 64
+        on_second = ClaimScope(ordered=True, partitions=every, owner_pid=old_main.info.backend_pid)
+        held = await store.claim(old_second, 3, on_second)
         assert [m.event_id for m in held] == ["k0-0", "k1-0", "k0-1"]
-        taken = await store.claim(new_owner, 100, everything)
-        await new_owner.rollback()
-        assert [m.event_id for m in taken] == []  # both keys have rows held
-        await old_owner.execute(
-            sql.SQL("DELETE FROM {} WHERE event_id = 'k1-0'").format(
-                sql.Identifier(outbox.schema, "event_outbox")
-            )
-        )
-        await old_owner.commit()  # k1-0 published; k0-0 and k0-1 given back
-        held = await store.claim(old_owner, 1, everything)  # k0-0 claimed again
-        taken = await store.claim(new_owner, 100, everything)
-        await new_owner.rollback()
-        await old_owner.rollback()
-    assert [m.event_id for m in held] == ["k0-0"]
-    assert [m.event_id for m in taken] == ["k1-1", "k1-2", "k1-3"]
-
-
-async def test_a_claim_never_passes_rows_its_other_session_locked_beyond_the_byte_budget(
-    outbox: Settings,
-) -> None:
-    """A claim locks ``limit`` rows but returns those within the byte budget; the rest
-    stay locked. The relay's next claim, on its other session, passes over them: it
-    must not take later rows of their keys, only rows behind what is in flight."""
-    _enqueue_backlog(outbox, keys=1, each=8, payload_bytes=1000)
-    store = OutboxStore(outbox.names, RetryPolicy())
-    everything = ClaimScope(ordered=True, partitions=frozenset(range(KEY_PARTITIONS)))
-    async with (
-        await connect_postgres(outbox) as first,
-        await connect_postgres(outbox) as second,
-    ):
-        in_flight = await store.claim(first, 4, everything, max_bytes=1500)
-        assert [m.event_id for m in in_flight] == ["k0-0", "k0-1"]  # k0-2, k0-3 locked
-        after = replace(everything, in_flight=[m.id for m in in_flight])
-        taken = await store.claim(second, 4, after)
-        await second.rollback()
-        await first.rollback()
-        assert taken == []
-        # Rows locked only because they are in flight do not hold the key back.
-        in_flight = await store.claim(first, 2, everything)
-        after = replace(everything, in_flight=[m.id for m in in_flight])
-        taken = await store.claim(second, 2, after)
-        await second.rollback()
-        await first.rollback()
-    assert [m.event_id for m in taken] == ["k0-2", "k0-3"]
+        await new_main.execute("SELECT pg_terminate_backend(%s)", (old_main.info.backend_pid,))
+        await new_main.commit()
+        owner = PartitionOwner(store, "new")
+        await owner.join(new_main)
+        await owner.rebalance(new_main, settled=True)
+        assert owner.owned == every
+        taken = await store.claim(new_main, 100, ClaimScope(True, owner.claimable))
+        await new_main.rollback()
+        assert taken == []  # both keys' partitions are contested
+        await old_second.rollback()  # the old owner's rows are let go
+        await owner.rebalance(new_main, settled=True)
+        taken = await store.claim(new_main, 100, ClaimScope(True, owner.claimable))
+        await new_main.rollback()
+    assert [m.event_id for m in taken] == [f"k{n % 2}-{n // 2}" for n in range(8)]
 
 
 @pytest.mark.parametrize(("payload_bytes", "max_bytes"), [(12_000, None), (1_100, 20_000)])
