@@ -97,7 +97,8 @@ async def start_relay(
 
 
 async def stop_relay(process: Process) -> None:
-    process.send_signal(signal.SIGTERM)
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
     await process.wait()
 
 

@@ -639,12 +639,21 @@ def _window(options: dict[str, Any]) -> Window:
 
 @cli.command("verify")
 @_with([*DATABASE_OPTIONS, *NATS_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
+@click.option(
+    "--strict-order",
+    is_flag=True,
+    help="Each key's events were written one transaction at a time (one writer per "
+    "execution): check each key's messages against event id order as well as the "
+    "relay's sequence numbers. Leave it off for keys written concurrently, whose "
+    "order is commit order.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify_command(as_json: bool, **options: Any) -> None:
-    """Check every event of a window: ok, pending, lost, duplicate, unexpected, collided,
-    or rolled back by a failover after it was published.
+def verify_command(strict_order: bool, as_json: bool, **options: Any) -> None:
+    """Check every event of a window: ok, pending, lost, duplicate, unexpected, out of
+    order, unkeyed, collided, or rolled back by a failover after it was published.
 
-    Exits 5 when anything is lost, duplicated, unexpected, collided or rolled back.
+    Exits 5 when anything is lost, duplicated, unexpected, out of order, unkeyed,
+    collided or rolled back; 3 when the stream cannot be read to its end.
     """
     window = _window(options)
     settings = settings_from(options)
@@ -655,7 +664,9 @@ def verify_command(as_json: bool, **options: Any) -> None:
             nc = await connect_nats(settings, name="outbox-relay verify")
             try:
                 await require_stream(nc.jetstream(), settings)
-                return await verify(conn, nc.jetstream(), settings, window)
+                return await verify(
+                    conn, nc.jetstream(), settings, window, strict_order=strict_order
+                )
             finally:
                 await nc.close()
 

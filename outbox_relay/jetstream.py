@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,10 +373,26 @@ async def read_stream(
     js: JetStreamContext, stream: str, *, subject: str = ">", fetch_wait: float = 5.0
 ) -> list[Msg]:
     """Every message the stream holds on ``subject``, in stream order."""
+    return [
+        message
+        async for batch in read_stream_batches(js, stream, subject=subject, fetch_wait=fetch_wait)
+        for message in batch
+    ]
+
+
+async def read_stream_batches(
+    js: JetStreamContext, stream: str, *, subject: str = ">", fetch_wait: float = 5.0
+) -> AsyncIterator[list[Msg]]:
+    """The messages the stream holds on ``subject``, in stream order, a batch at a
+    time, so a reader keeps what it needs of each and no more.
+
+    A read the server stops answering before the end raises
+    :class:`ServerUnavailableError`: a reader judging the stream must not take what it
+    got for all there is.
+    """
     info = await js.stream_info(stream)
-    total = info.state.messages
-    if total == 0:
-        return []
+    if info.state.messages == 0:
+        return
     sub = await js.pull_subscribe(
         subject,
         stream=stream,
@@ -385,16 +402,31 @@ async def read_stream(
             inactive_threshold=60.0,
         ),
     )
-    messages: list[Msg] = []
+    read, pending = 0, info.state.messages
     try:
         while True:
             try:
                 batch = await sub.fetch(1000, timeout=fetch_wait)
             except TimeoutError:
-                break
-            messages.extend(batch)
-            if batch[-1].metadata.num_pending == 0:
-                break
+                if read == 0 and await _nothing_on(sub):
+                    return  # the stream's messages are all on other subjects
+                raise ServerUnavailableError(
+                    f"reading stream {stream} stopped after {read:,} messages, about "
+                    f"{pending:,} still to come: nats-server sent nothing for "
+                    f"{format_duration(fetch_wait)}; nothing was judged, run it again"
+                ) from None
+            read += len(batch)
+            pending = batch[-1].metadata.num_pending
+            yield batch
+            if pending == 0:
+                return
     finally:
         await sub.unsubscribe()
-    return messages
+
+
+async def _nothing_on(sub: JetStreamContext.PullSubscription) -> bool:
+    """Whether the subscription's subject has no message at all (False: no answer)."""
+    try:
+        return (await sub.consumer_info()).num_pending == 0
+    except TimeoutError:
+        return False

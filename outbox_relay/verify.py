@@ -37,12 +37,13 @@ from typing import Any, TypeVar
 
 import orjson
 import psycopg
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from outbox_relay.config import Settings
 from outbox_relay.errors import OutboxError
 from outbox_relay.ids import EPOCH_MS, LOW_BITS
-from outbox_relay.jetstream import read_stream
+from outbox_relay.jetstream import read_stream_batches
 from outbox_relay.publish import (
     EXPECTED_STREAM_HEADER,
     MSG_ID_HEADER,
@@ -201,26 +202,41 @@ def _execution_id(event: dict[str, Any] | None) -> int | None:
     return execution_id if isinstance(execution_id, int) else None
 
 
-def out_of_order(stored: Iterable[tuple[int, str, int]]) -> list[int]:
+def out_of_order(stored: Iterable[tuple[int, str, int]], *, by_event_id: bool = False) -> list[int]:
     """Event ids stored after a later row of their key: (event id, key, sequence) in
-    stream order. A copy stored again later is the duplicate check's business."""
-    last: dict[str, int] = {}
-    seen: set[int] = set()
-    found = []
+    stream order. By the relay's sequence numbers, a repeat copy included: a stale copy
+    landing after later events is out of order too (it is also a duplicate). With
+    ``by_event_id``, by the database's event ids as well, for keys whose events were
+    written one transaction at a time, so that id order is their causal order: a
+    relay that publishes a key's rows out of order gives them increasing sequences,
+    which only the ids can contradict."""
+    last_sequence: dict[str, int] = {}
+    last_id: dict[str, int] = {}
+    found: dict[int, None] = {}  # ordered, once each
     for event_id, key, sequence in stored:
-        if event_id in seen:
-            continue
-        seen.add(event_id)
-        if sequence < last.get(key, sequence):
-            found.append(event_id)
-        last[key] = max(sequence, last.get(key, sequence))
-    return found
+        if sequence < last_sequence.get(key, sequence) or (
+            by_event_id and event_id < last_id.get(key, event_id)
+        ):
+            found[event_id] = None
+        last_sequence[key] = max(sequence, last_sequence.get(key, sequence))
+        last_id[key] = max(event_id, last_id.get(key, event_id))
+    return list(found)
 
 
 async def verify(
-    conn: psycopg.AsyncConnection[Any], js: JetStreamContext, settings: Settings, window: Window
+    conn: psycopg.AsyncConnection[Any],
+    js: JetStreamContext,
+    settings: Settings,
+    window: Window,
+    *,
+    strict_order: bool = False,
 ) -> Report:
     """Read the window's event ids from the database and the stream, and classify them.
+
+    ``strict_order``: each key's events were written one transaction at a time, so
+    their event ids are their causal order, and the stream is checked against it
+    (:func:`out_of_order`). Keys written by concurrent transactions follow commit
+    order, which event ids do not record: leave it off for them.
 
     The database is read first, so whatever the stream holds had a chance to commit
     before; ids committed in between are looked up again rather than called
@@ -233,43 +249,61 @@ async def verify(
         await cur.execute(query("verify_pending", names), params)
         waiting_ids = {row[0] for row in await cur.fetchall()}
     # Relays in unordered mode send no ordering headers.
-    ordering_key = settings.ordering_key if settings.ordered else None
-    stored: Counter[EventKey] = Counter()
-    relayed: set[int] = set()  # event ids of messages a relay published
-    keyed: list[tuple[int, str, int]] = []
-    unkeyed: list[int] = []
-    for message in await read_stream(js, settings.stream, subject=settings.subject_wildcard):
-        headers = message.header or {}
-        msg_id = headers.get(MSG_ID_HEADER, "")
-        if msg_id.lstrip("-").isdigit() and int(msg_id) in window:
-            event = event_row(message.data)
-            stored[(_execution_id(event), int(msg_id))] += 1
-            if headers.get(EXPECTED_STREAM_HEADER) == settings.stream:
-                relayed.add(int(msg_id))
-            key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
-            if key is not None and sequence.isdigit():
-                keyed.append((int(msg_id), key, int(sequence)))
-            expected = event_key(event, ordering_key)
-            if expected is not None and (key != expected or not sequence.isdigit()):
-                unkeyed.append(int(msg_id))
-    late = [key[1] for key in stored if key not in committed]
+    seen = _Stored(window, settings.stream, settings.ordering_key if settings.ordered else None)
+    # A batch at a time: memory follows what is kept of each message, not the stream.
+    async for batch in read_stream_batches(js, settings.stream, subject=settings.subject_wildcard):
+        for message in batch:
+            seen.take(message)
+    late = [key[1] for key in seen.copies if key not in committed]
     if late:
         cur = await conn.execute(query("verify_exists", names), {"ids": late})
         committed |= {(row[0], row[1]) for row in await cur.fetchall()}
     # The outbox knows a row by its msg id alone: every row of a waiting id waits.
     waiting = {key for key in committed if key[1] in waiting_ids}
     report = classify_ids(
-        committed, waiting, _attributed(stored, committed), event_id=itemgetter(1)
+        committed, waiting, _attributed(seen.copies, committed), event_id=itemgetter(1)
     )
-    gone = set(report.unexpected) & relayed
+    gone = set(report.unexpected) & seen.relayed
     report.rolled_back_by_failover = sorted(gone)
     report.unexpected = [event_id for event_id in report.unexpected if event_id not in gone]
     # Their queue ids were drawn again on the new primary: only events that exist
     # have an order to keep.
-    report.out_of_order = out_of_order(k for k in keyed if k[0] not in gone)
-    report.unkeyed = unkeyed
+    report.out_of_order = out_of_order(
+        (k for k in seen.keyed if k[0] not in gone), by_event_id=strict_order
+    )
+    report.unkeyed = seen.unkeyed
     report.collided = collided(committed)
     return report
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What verify keeps of each stream message: ids, key and sequence, no payload."""
+
+    window: Window
+    stream: str
+    ordering_key: str | None  # the producers' key column, None in unordered mode
+    copies: Counter[EventKey] = field(default_factory=Counter)
+    relayed: set[int] = field(default_factory=set)  # event ids a relay published
+    keyed: list[tuple[int, str, int]] = field(default_factory=list)  # id, key, sequence
+    unkeyed: list[int] = field(default_factory=list)
+
+    def take(self, message: Msg) -> None:
+        headers = message.header or {}
+        msg_id = headers.get(MSG_ID_HEADER, "")
+        if not (msg_id.lstrip("-").isdigit() and int(msg_id) in self.window):
+            return
+        event_id = int(msg_id)
+        event = event_row(message.data)
+        self.copies[(_execution_id(event), event_id)] += 1
+        if headers.get(EXPECTED_STREAM_HEADER) == self.stream:
+            self.relayed.add(event_id)
+        key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
+        if key is not None and sequence.isdigit():
+            self.keyed.append((event_id, key, int(sequence)))
+        expected = event_key(event, self.ordering_key)
+        if expected is not None and (key != expected or not sequence.isdigit()):
+            self.unkeyed.append(event_id)
 
 
 def event_key(event: dict[str, Any] | None, column: str | None) -> str | None:

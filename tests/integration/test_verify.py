@@ -1,19 +1,24 @@
 from dataclasses import replace
 
 import anyio
+import nats
 import psycopg
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from psycopg import sql
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
+from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.ids import SnowflakeGenerator
-from outbox_relay.jetstream import ensure_stream
+from outbox_relay.jetstream import ensure_stream, read_stream_batches
 from outbox_relay.verify import Window, verify
 from tests.helpers import drained, emit_events, producer_for, running_relay, wait_until
 from tests.noetl import EVENT_TABLES, NOETL_CATALOG_ID, migrated
+from tests.proxy import TcpProxy
+from tests.servers import Servers
 
 ALL = Window()
 
@@ -138,3 +143,92 @@ async def test_one_msg_id_shared_by_two_rows_is_collided_not_clean(
     assert (summary["collided"], summary["ok"], summary["lost"]) == (1, 1, 1)
     assert summary["samples"]["collided"] == [shared]
     assert not report.clean
+
+
+Rows = dict[str, tuple[str, bytes]]  # event id -> subject, payload
+
+
+async def _hand_published(settings: Settings, nc: NATS, count: int) -> tuple[list[str], Rows]:
+    """``count`` events of execution 7, written one after another, taken out of the
+    outbox unpublished: the test publishes them itself, as a faulty relay would."""
+    ids = emit_events(settings, count, execution_id=7)
+    await ensure_stream(nc.jetstream(), settings)
+    async with await connect_postgres(settings, autocommit=True) as conn:
+        cur = await conn.execute(
+            sql.SQL("DELETE FROM {} RETURNING event_id, subject, payload").format(
+                sql.Identifier(settings.schema, "event_outbox")
+            )
+        )
+        rows = {row[0]: (row[1], bytes(row[2])) for row in await cur.fetchall()}
+    return ids, rows
+
+
+async def _publish(settings: Settings, nc: NATS, rows: Rows, event_id: str, seq: int) -> None:
+    subject, payload = rows[event_id]
+    headers = {
+        "Nats-Msg-Id": event_id,
+        "Nats-Expected-Stream": settings.stream,
+        "Outbox-Ordering-Key": "7",
+        "Outbox-Sequence": str(seq),
+    }
+    await nc.jetstream().publish(subject, payload, headers=headers)
+
+
+async def test_a_reordered_a_repeated_and_a_dropped_message_are_caught(
+    outbox: Settings, nc: NATS
+) -> None:
+    """As the order holes left them: a key's rows published out of id order with
+    sequences that agree with the wrong order, a stale copy landing after later events,
+    an event never published."""
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(name=outbox.stream, subjects=[outbox.subject_wildcard], duplicate_window=1)
+    )
+    ids, rows = await _hand_published(outbox, nc, 5)
+    first, second, third, fourth, dropped = ids
+    await _publish(outbox, nc, rows, first, 10)
+    await _publish(outbox, nc, rows, third, 11)  # passed over `second`, numbered so
+    await _publish(outbox, nc, rows, second, 12)
+    await anyio.sleep(1.2)  # past the duplicate window
+    await _publish(outbox, nc, rows, fourth, 13)
+    await _publish(outbox, nc, rows, first, 10)  # a stale frame, delivered at a heal
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        loose = await verify(conn, js, outbox, ALL)
+        strict = await verify(conn, js, outbox, ALL, strict_order=True)
+    assert (loose.out_of_order, loose.duplicate, loose.lost) == (
+        [int(first)],
+        {int(first): 2},
+        [int(dropped)],
+    )
+    # Only the database's order shows the pass-over: the sequences agree with it.
+    assert strict.out_of_order == [int(second), int(first)]
+    assert not loose.clean
+    assert not strict.clean
+
+
+async def _read_stalled_after_one_batch(js: JetStreamContext, stream: str, proxy: TcpProxy) -> int:
+    read = 0
+    async for batch in read_stream_batches(js, stream, fetch_wait=1.0):
+        read += len(batch)
+        proxy.delay = 3.0  # the server stops answering in time
+    return read
+
+
+async def test_a_read_the_server_stops_answering_is_an_error_not_a_verdict(
+    outbox: Settings, servers: Servers
+) -> None:
+    """nats-server paused during a read used to read as "183000 lost", exit 5."""
+    proxy = await TcpProxy(servers.nats_url).start()
+    nc = await nats.connect(proxy.url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, outbox)
+        for n in range(2500):
+            await nc.publish(f"{outbox.subject_prefix}.x", b"{}", headers={"Nats-Msg-Id": str(n)})
+        await nc.flush()
+        with pytest.raises(ServerUnavailableError, match="stopped after 1,000 messages"):
+            await _read_stalled_after_one_batch(js, outbox.stream, proxy)
+    finally:
+        proxy.delay = 0
+        await nc.close()
+        await proxy.close()

@@ -45,10 +45,21 @@ def test_out_of_order_finds_a_row_stored_after_a_later_row_of_its_key() -> None:
     assert out_of_order(in_order) == []
     swapped = [(1, "a", 10), (3, "a", 12), (2, "a", 11), (4, "a", 13)]
     assert out_of_order(swapped) == [2]
-    # A copy stored again later is a duplicate, not an ordering problem.
-    assert out_of_order([(1, "a", 10), (2, "a", 11), (1, "a", 10)]) == []
+    # A stale copy landing after later events of its key (a frame a relay wrote on a
+    # stalled link, delivered at the heal) is out of order, not only a duplicate ...
+    assert out_of_order([(1, "a", 10), (2, "a", 11), (1, "a", 10)]) == [1]
+    # ... a copy published again later, with a later sequence, is only a duplicate.
+    assert out_of_order([(1, "a", 10), (2, "a", 11), (1, "a", 12)]) == []
     # Keys are independent.
     assert out_of_order([(5, "b", 20), (1, "a", 10)]) == []
+
+
+def test_strict_order_reads_the_database_order_where_sequences_agree_with_the_relay() -> None:
+    # A relay that claimed row 3 before row 2 of its key numbered them in that order.
+    passed_over = [(1, "a", 10), (3, "a", 11), (2, "a", 12), (4, "a", 13)]
+    assert out_of_order(passed_over) == []
+    assert out_of_order(passed_over, by_event_id=True) == [2]
+    assert out_of_order([(5, "b", 20), (1, "a", 21)], by_event_id=True) == []
 
 
 def test_event_key_reads_the_key_column_as_sql_text_renders_it() -> None:
