@@ -37,7 +37,12 @@ from outbox_relay.errors import (
     OutboxError,
     PayloadTooLargeError,
 )
-from outbox_relay.headers import header_overhead, validate_header_value, validate_headers
+from outbox_relay.headers import (
+    header_overhead,
+    validate_header_value,
+    validate_headers,
+    validate_unpadded,
+)
 from outbox_relay.ids import (
     LEASED_INSTANCE_BITS,
     LEASED_INSTANCES,
@@ -236,7 +241,7 @@ class Producer:
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         _validate_msg_id(msg_id)
         if ordering_key is not None:
-            validate_header_value("ordering key", ordering_key)
+            validate_unpadded("ordering key", validate_header_value("ordering key", ordering_key))
         headers_param = _headers_param(headers)  # checked before they are measured
         budget = self._payload_budget(headers, msg_id, ordering_key)
         if len(payload) > budget:
