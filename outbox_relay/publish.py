@@ -11,6 +11,8 @@ import contextlib
 import enum
 import functools
 import logging
+import socket
+import struct
 import time
 import uuid
 from collections import deque
@@ -88,7 +90,7 @@ def classify(exc: BaseException) -> tuple[Kind, str]:
         if isinstance(exc, error_type):
             return Kind.ROW, reason
     if isinstance(exc, TimeoutError):
-        return Kind.TRANSIENT, "no PubAck before the publish timeout"
+        return Kind.TRANSIENT, NO_PUBACK
     return Kind.TRANSIENT, f"{type(exc).__name__}: {exc}"
 
 
@@ -139,6 +141,10 @@ def waves(
     return first, later
 
 
+NO_PUBACK = "no PubAck before the publish timeout"
+NO_FLOW_ACK = "no flow acknowledgement before the publish timeout"
+
+
 @dataclass(slots=True)
 class BatchResult:
     published: list[int] = field(default_factory=list)
@@ -147,11 +153,15 @@ class BatchResult:
     # Rows left as they are because of a server-side problem, and the first reason.
     transient: int = 0
     transient_reason: str = ""
+    # Frames written that the server never answered: they may still be on the way.
+    unanswered: bool = False
 
     def add_transient(self, reason: str) -> None:
         self.transient += 1
         if not self.transient_reason:
             self.transient_reason = reason
+        if reason in (NO_PUBACK, NO_FLOW_ACK):
+            self.unanswered = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +412,24 @@ class Publisher:
             rest = await self._publish_atomic(rest, result, send_until)
         if rest and not result.transient:
             await self._publish_one_by_one(rest, result, send_until)
+        if result.unanswered:
+            self._reset_link()
         return result
+
+    def _reset_link(self) -> None:
+        """Drop the connection with a reset, so that no frame written on it and not yet
+        delivered (a stalled link keeps them in the kernel's send queue) can reach the
+        server after the rows are given back and published again, perhaps by another
+        relay: late, out of order, past the duplicate window. nats-py reconnects."""
+        writer = getattr(getattr(self._nc, "_transport", None), "_io_writer", None)
+        if writer is None or writer.transport.is_closing():
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() discards the send queue and sends RST, not FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        log.warning("publish unanswered: connection to NATS reset, nothing sent on it can arrive")
+        writer.transport.abort()
 
     async def _publish_fast(
         self, messages: Sequence[OutboxMessage], result: BatchResult, send_until: float | None
@@ -472,7 +499,7 @@ class Publisher:
         if batch.stored is None:
             if batch.error is None:
                 for _ in prepared:
-                    result.add_transient("no PubAck before the publish timeout")
+                    result.add_transient(NO_PUBACK)
                 return [], False
             if batch.error.err_code in fast_ingest.BATCHING_REFUSED:
                 self._stop_fast(classify(batch.error)[1])
@@ -517,7 +544,7 @@ class Publisher:
                 done = functools.partial(fast_ingest.window_open, sent)
                 if not await self._until(batch, done):
                     for _ in prepared:
-                        result.add_transient("no flow acknowledgement before the publish timeout")
+                        result.add_transient(NO_FLOW_ACK)
                     return 0
                 continue
             outgoing = [
@@ -639,7 +666,7 @@ class Publisher:
             if not future.done():
                 self._acks.forget(reply)
                 for _ in rows:
-                    result.add_transient("no PubAck before the publish timeout")
+                    result.add_transient(NO_PUBACK)
                 continue
             error = future.exception()
             if error is None and future.result().count == len(rows):
@@ -805,7 +832,7 @@ class Publisher:
         for message, reply, future in in_flight:
             if not future.done():
                 self._acks.forget(reply)
-                result.add_transient("no PubAck before the publish timeout")
+                result.add_transient(NO_PUBACK)
             elif (error := future.exception()) is not None:
                 if classify(error)[0] is Kind.NO_STREAM:
                     unroutable.append(message)

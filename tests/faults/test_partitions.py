@@ -157,3 +157,43 @@ async def test_slow_lossy_network(partitioned: Partitioned, tmp_path: Path) -> N
         rate=50,
         executions=50,
     )
+
+
+async def test_a_relay_whose_link_goes_silent_sends_nothing_late(
+    partitioned: Partitioned, tmp_path: Path
+) -> None:
+    """One relay reaches NATS through a link that goes silent (packets dropped, no RST:
+    its frames wait in the kernel's send queue), another directly. The first gives up on
+    its publishes, the second takes its rows over; at the heal nothing the first wrote
+    may arrive, or it lands after later events of its key, past the duplicate window
+    (a 1 s publish timeout and a 10 s window, as accepted settings)."""
+    settings = partitioned.settings
+    short = {"OUTBOX_PUBLISH_TIMEOUT": "1s", "OUTBOX_DUPLICATE_WINDOW": "10s"}
+    load = Load(settings, rate=200, producers=2, executions=20)
+    with (
+        relay_process(
+            env_for(partitioned.relay_settings, **short),
+            tmp_path / "silent.log",
+            wrapper=partitioned.namespace.run_in,
+        ) as silent,
+        relay_process(env_for(settings, **short), tmp_path / "direct.log") as direct,
+    ):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load.run)
+            await wait_until(lambda: all_started(silent, direct), within=30)
+            await anyio.sleep(2)
+            partitioned.namespace.cut(partitioned.nats.port)
+            await anyio.sleep(20)
+            partitioned.namespace.heal()
+            await anyio.sleep(3)
+            load.stop()
+        await wait_until(lambda: drained(settings), within=60)
+        for relay in (silent, direct):
+            relay.signal(signal.SIGTERM)
+        codes = [await anyio.to_thread.run_sync(r.wait, 30) for r in (silent, direct)]
+        assert codes == [0, 0], silent.output()
+    await assert_nothing_lost_or_doubled(
+        "ordered: one of 2 relays' link to NATS silent 20 s (dropped, no RST); "
+        "publish timeout 1 s, duplicate window 10 s",
+        settings,
+    )
