@@ -319,15 +319,20 @@ SELECT pg_advisory_lock_shared({member_lock});
 SELECT pg_advisory_unlock_shared({member_lock});
 
 -- name: count_relays
--- Advisory locks are per database, but pg_locks shows the whole server's.
-SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 2
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid::bigint = {member_lock_class} AND objid::bigint = {lock_object};
+-- Advisory locks are per database, but pg_locks shows the whole server's. Any role
+-- can take the membership lock: only a session whose role may delete outbox rows,
+-- as a relay must, is counted (a producer's is not, whatever locks it takes).
+SELECT count(*) FROM pg_locks AS m
+JOIN pg_stat_activity AS a ON a.pid = m.pid
+WHERE m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
+  AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object}
+  AND has_table_privilege(a.usesysid, {outbox_table_literal}::regclass, 'DELETE');
 
 -- name: partition_squatters
--- Sessions holding key partitions without being relays (not members): the keyed
--- rows of those partitions wait until they let go.
+-- Sessions holding key partitions without being relays: not members, or members
+-- whose role may not delete outbox rows (a producer's role, holding the membership
+-- lock as well). The keyed rows of those partitions wait until they let go.
 SELECT p.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
        coalesce(host(a.client_addr), 'local'), count(*) AS partitions
 FROM pg_locks AS p
@@ -336,11 +341,14 @@ WHERE p.locktype = 'advisory' AND p.granted AND p.objsubid = 2
   AND p.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND p.classid::bigint BETWEEN {partition_lock_class} AND {partition_lock_class} + 63
   AND p.objid::bigint = {lock_object}
-  AND NOT EXISTS (
-      SELECT FROM pg_locks AS m
-      WHERE m.pid = p.pid AND m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
-        AND m.database = p.database
-        AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object})
+  AND NOT (
+      EXISTS (
+          SELECT FROM pg_locks AS m
+          WHERE m.pid = p.pid AND m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
+            AND m.database = p.database
+            AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object})
+      AND coalesce(has_table_privilege(a.usesysid, {outbox_table_literal}::regclass, 'DELETE'),
+                   false))
 GROUP BY p.pid, a.usename, a.application_name, a.client_addr
 ORDER BY p.pid;
 

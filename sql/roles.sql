@@ -40,5 +40,6 @@ GRANT SELECT, DELETE ON {dead_letter_table} TO {operator_role};
 GRANT EXECUTE ON FUNCTION {enqueue_function}(text, bytea, text, jsonb, integer, text) TO {operator_role};
 
 -- The outbox table's CHECK constraints call these on every insert and update.
-GRANT EXECUTE ON FUNCTION {headers_valid_function}(jsonb), {wire_size_function}(text, jsonb, text, bigint)
+GRANT EXECUTE ON FUNCTION {headers_valid_function}(jsonb), {wire_size_function}(text, jsonb, text, bigint),
+                          {unpadded_function}(text)
     TO {producer_role}, {relay_role}, {operator_role};

@@ -12,8 +12,15 @@ from psycopg.conninfo import make_conninfo
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.queries import ROLE_PURPOSES
+from outbox_relay.queries import (
+    KEY_PARTITIONS,
+    MEMBER_LOCK_CLASS,
+    PARTITION_LOCK_CLASS,
+    ROLE_PURPOSES,
+)
 from outbox_relay.schema import grant_roles
+from outbox_relay.store import OutboxStore, RetryPolicy
+from tests.acceptance.cli import env_for, outbox_relay
 from tests.helpers import drained, producer_for, running_relay, wait_until
 from tests.noetl import NOETL_CATALOG_ID
 
@@ -160,3 +167,39 @@ async def test_roles_leave_noetls_own_objects_alone(noetl_outbox: Settings) -> N
             for role in [app, *groups]:
                 await admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
                 await admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def test_a_producer_holding_the_membership_lock_too_is_seen_as_a_squatter(
+    outbox: Settings, logins: dict[str, Settings]
+) -> None:
+    """A role that may only produce takes the relays' membership lock and then every
+    partition: it used to count as a relay (holding 0 partitions) and stay unseen
+    while keyed rows waited. What a relay must be able to do (delete outbox rows)
+    tells it apart, whatever advisory locks it takes."""
+    lock_object = outbox.names.lock_object
+    with psycopg.connect(
+        logins["producer"].database_url, autocommit=True, application_name="squatter"
+    ) as squatter:
+        squatter.execute("SELECT pg_advisory_lock_shared(%s, %s)", (MEMBER_LOCK_CLASS, lock_object))
+        for partition in range(KEY_PARTITIONS):
+            squatter.execute(
+                "SELECT pg_advisory_lock(%s, %s)", (PARTITION_LOCK_CLASS + partition, lock_object)
+            )
+        async with running_relay(logins["relay"], "victim") as relay:
+
+            def squatted() -> float | None:
+                return relay.metrics.registry.get_sample_value(
+                    "outbox_relay_partitions_held_by_non_relays"
+                )
+
+            await wait_until(lambda: _is(squatted(), KEY_PARTITIONS), within=5)
+            async with await connect_postgres(logins["relay"]) as conn:
+                assert await OutboxStore(outbox.names, RetryPolicy()).count_relays(conn) == 1
+        check = await outbox_relay("check", env=env_for(outbox))
+    assert check.returncode == 1
+    assert "application squatter" in check.stderr
+    assert "64 key partitions without being a relay" in check.stderr
+
+
+async def _is(value: float | None, expected: float) -> bool:
+    return value == expected
