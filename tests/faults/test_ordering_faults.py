@@ -4,6 +4,7 @@ with a poison row in one execution, while producers interleave many executions."
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -22,6 +23,8 @@ from tests.faults.conftest import (
 )
 from tests.helpers import lag, wait_until
 from tests.noetl import event_columns
+from tests.proxy import TcpProxy
+from tests.servers import Servers
 
 POISONED_EXECUTION = 7
 
@@ -91,3 +94,49 @@ async def test_order_holds_while_relays_die_freeze_and_restart(
                 assert [r.wait(timeout=30) for r in (b, c, a2)] == [0, 0, 0]
     assert summary["out_of_order"] == 0
     assert load.committed > 1000
+
+
+async def test_order_holds_when_a_slow_relay_freezes_past_its_claim_under_a_byte_budget(
+    on_shared: Settings, servers: Servers, tmp_path: Path
+) -> None:
+    """The hand-off and byte-budget holes as a review found them: one relay reaches NATS
+    through a link adding 300 ms each way and is frozen three times past its claim (its
+    sessions time out apart, the partitions move while rows are still claimed); both
+    cut batches by a 20 KB byte budget (rows locked past it). One producer writes each
+    execution, so verify checks every key against event id order."""
+    settings = on_shared
+    slow_link = await TcpProxy(servers.nats_url).start()
+    slow_link.delay = 0.3
+    budget = {"OUTBOX_BATCH_MAX_BYTES": "20000"}
+    load = Load(settings, rate=250, producers=1, executions=30)
+    try:
+        with (
+            relay_process(
+                env_for(replace(settings, nats_urls=(slow_link.url,)), **budget),
+                tmp_path / "slow.log",
+            ) as slow,
+            relay_process(env_for(settings, **budget), tmp_path / "direct.log") as direct,
+        ):
+            await wait_until(lambda: all_started(slow, direct), within=30)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(load.run)
+                for _ in range(3):
+                    await anyio.sleep(3)
+                    slow.signal(signal.SIGSTOP)
+                    await anyio.sleep(12)  # past the claim hold bound (9 s)
+                    slow.signal(signal.SIGCONT)
+                await anyio.sleep(3)
+                load.stop()
+            summary = await assert_nothing_lost_or_doubled(
+                "ordered: 2 relays, one 300 ms each way from NATS and frozen 3 x 12 s; "
+                "20 KB byte budget; one producer per execution",
+                settings,
+            )
+            for relay in (slow, direct):
+                relay.signal(signal.SIGTERM)
+            codes = [await anyio.to_thread.run_sync(r.wait, 30) for r in (slow, direct)]
+            assert codes == [0, 0], slow.output()
+    finally:
+        await slow_link.close()
+    assert summary["out_of_order"] == 0
+    assert load.committed > 5000
