@@ -10,10 +10,13 @@ Each event of a window, known by its (execution id, event id), is classified as
 * ``collided``: one event id committed by two rows (two executions): they share a
   msg id, so JetStream keeps one of them;
 * ``rolled_back_by_failover``: in the stream, published by a relay (it carries the
-  relay's ``Nats-Expected-Stream``), but the event is not in the database. A relay
-  publishes only rows it read committed, so the database lost a commit: a failover
-  to an asynchronous standby that had not received it (or a restore to an earlier
-  point). Other messages of unknown events are ``unexpected``;
+  relay's ``Nats-Expected-Stream``), but the event is not in the database, which has
+  changed timeline (promoted, or restored to a point in time). A relay publishes only
+  rows it read committed, so the database lost a commit: a failover to an
+  asynchronous standby that had not received it. On a server still on its first
+  timeline no commit can have been lost that way, and any publisher can set the
+  relay's headers: such messages, like other messages of unknown events, are
+  ``unexpected``;
 
 and every ordering key's messages are checked to stand in the stream in the order
 the relay published them (``out_of_order`` counts those that do not: a relay that
@@ -27,6 +30,8 @@ The stream keeps messages for its max age only: verify windows inside it.
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from collections.abc import Set as AbstractSet
@@ -50,7 +55,7 @@ from outbox_relay.publish import (
     ORDERING_KEY_HEADER,
     SEQUENCE_HEADER,
 )
-from outbox_relay.queries import query
+from outbox_relay.queries import Names, query
 
 SAMPLE = 20  # problem ids listed per class; counts are always complete
 # The classes that make a report unclean.
@@ -112,8 +117,10 @@ class Report:
     out_of_order: list[int] = field(default_factory=list)  # stored before an earlier one
     unkeyed: list[int] = field(default_factory=list)  # event messages without their key
     collided: list[int] = field(default_factory=list)  # committed by more than one row
-    # Relay-published, gone from the database: a commit the failover did not keep.
+    # Relay-published, gone from a database that has changed timeline: a commit the
+    # failover (or a point-in-time restore) did not keep.
     rolled_back_by_failover: list[int] = field(default_factory=list)
+    timeline: int | None = None  # the server's; None: not readable by this role
 
     @property
     def clean(self) -> bool:
@@ -125,6 +132,7 @@ class Report:
             "pending": len(self.pending),
             **{problem: len(getattr(self, problem)) for problem in PROBLEMS},
             "clean": self.clean,
+            "timeline": self.timeline,
             "samples": {
                 "pending": sorted(self.pending)[:SAMPLE],
                 "lost": sorted(self.lost)[:SAMPLE],
@@ -202,6 +210,31 @@ def _execution_id(event: dict[str, Any] | None) -> int | None:
     return execution_id if isinstance(execution_id, int) else None
 
 
+class OrderCheck:
+    """Messages seen in stream order, one at a time; :attr:`found` lists the event ids
+    stored after a later row of their key (see :func:`out_of_order`)."""
+
+    __slots__ = ("_by_event_id", "_found", "_last_id", "_last_sequence")
+
+    def __init__(self, *, by_event_id: bool = False) -> None:
+        self._by_event_id = by_event_id
+        self._last_sequence: dict[str, int] = {}
+        self._last_id: dict[str, int] = {}
+        self._found: dict[int, None] = {}  # ordered, once each
+
+    def see(self, event_id: int, key: str, sequence: int) -> None:
+        last_sequence = self._last_sequence.get(key, sequence)
+        last_id = self._last_id.get(key, event_id)
+        if sequence < last_sequence or (self._by_event_id and event_id < last_id):
+            self._found[event_id] = None
+        self._last_sequence[key] = max(sequence, last_sequence)
+        self._last_id[key] = max(event_id, last_id)
+
+    @property
+    def found(self) -> list[int]:
+        return list(self._found)
+
+
 def out_of_order(stored: Iterable[tuple[int, str, int]], *, by_event_id: bool = False) -> list[int]:
     """Event ids stored after a later row of their key: (event id, key, sequence) in
     stream order. By the relay's sequence numbers, a repeat copy included: a stale copy
@@ -210,17 +243,95 @@ def out_of_order(stored: Iterable[tuple[int, str, int]], *, by_event_id: bool = 
     written one transaction at a time, so that id order is their causal order: a
     relay that publishes a key's rows out of order gives them increasing sequences,
     which only the ids can contradict."""
-    last_sequence: dict[str, int] = {}
-    last_id: dict[str, int] = {}
-    found: dict[int, None] = {}  # ordered, once each
+    check = OrderCheck(by_event_id=by_event_id)
     for event_id, key, sequence in stored:
-        if sequence < last_sequence.get(key, sequence) or (
-            by_event_id and event_id < last_id.get(key, event_id)
-        ):
-            found[event_id] = None
-        last_sequence[key] = max(sequence, last_sequence.get(key, sequence))
-        last_id[key] = max(event_id, last_id.get(key, event_id))
-    return list(found)
+        check.see(event_id, key, sequence)
+    return check.found
+
+
+# An event row without an execution id, among the 32-bit stand-ins of _execution_hash.
+_NO_EXECUTION = -(2**31)
+_HASH_PRIME = 4_294_967_291  # the largest prime below 2**32
+
+
+def _execution_hash(execution_id: int | None) -> int:
+    """A signed 32-bit stand-in for an execution id, so verify keeps 4 bytes an event
+    instead of 8. Two executions share one only if they differ by a multiple of a
+    2**32-sized prime; only a message naming the wrong one of two such executions for
+    an event id could then pass unseen."""
+    if execution_id is None:
+        return _NO_EXECUTION
+    return execution_id % _HASH_PRIME - (2**31 - 1)
+
+
+class _Committed:
+    """The window's committed events in event id order, in arrays: 8 bytes for the
+    event id, 4 for its execution, 1 for the copies the stream holds of it. A set of
+    (execution id, event id) tuples took about 160 bytes an event."""
+
+    def __init__(self) -> None:
+        self.ids = array("q")
+        self.executions = array("i")
+        self.copies = bytearray()
+
+    @classmethod
+    async def read(
+        cls, conn: psycopg.AsyncConnection[Any], names: Names, params: dict[str, Any]
+    ) -> _Committed:
+        committed = cls()
+        async with conn.cursor() as cur:
+            async for execution_id, event_id in cur.stream(
+                query("verify_committed", names), params, size=10_000
+            ):
+                committed.ids.append(event_id)
+                committed.executions.append(_execution_hash(execution_id))
+        committed.copies = bytearray(len(committed.ids))
+        return committed
+
+    def count(self, execution_id: int | None, event_id: int) -> bool:
+        """Count a stored copy of the event; False when no committed row is it (a
+        message naming no execution counts for its event id's only row)."""
+        ids = self.ids
+        first = bisect_left(ids, event_id)
+        end = first
+        while end < len(ids) and ids[end] == event_id:
+            end += 1
+        if execution_id is None:
+            if end - first != 1:
+                return False
+            row = first
+        else:
+            wanted = _execution_hash(execution_id)
+            rows = [n for n in range(first, end) if self.executions[n] == wanted]
+            if not rows:
+                return False
+            row = rows[0]
+        if self.copies[row] < 255:  # 255 stands for "255 or more"
+            self.copies[row] += 1
+        return True
+
+    def classify(self, waiting: array[int]) -> Report:
+        """Each committed event by the copies counted: ok, duplicate, or, with none,
+        pending while the outbox or the dead letters still hold its id, else lost."""
+        report = Report(ok=self.copies.count(1))
+        row = self.copies.find(0)
+        while row != -1:
+            event_id = self.ids[row]
+            (report.pending if _holds(waiting, event_id) else report.lost).append(event_id)
+            row = self.copies.find(0, row + 1)
+        if report.ok + len(report.pending) + len(report.lost) < len(self.ids):
+            for row, copies in enumerate(self.copies):
+                if copies > 1:
+                    report.duplicate[self.ids[row]] = copies
+        ids = self.ids
+        report.collided = sorted({ids[n] for n in range(1, len(ids)) if ids[n] == ids[n - 1]})
+        return report
+
+
+def _holds(ids: array[int], event_id: int) -> bool:
+    """Whether the sorted array ``ids`` holds ``event_id``."""
+    at = bisect_left(ids, event_id)
+    return at < len(ids) and ids[at] == event_id
 
 
 async def verify(
@@ -243,49 +354,72 @@ async def verify(
     unexpected. A relay may keep running meanwhile.
     """
     names, params = settings.names, window.params()
+    committed = await _Committed.read(conn, names, params)
+    waiting = array("q")
     async with conn.cursor() as cur:
-        await cur.execute(query("verify_committed", names), params)
-        committed: set[EventKey] = {(row[0], row[1]) for row in await cur.fetchall()}
-        await cur.execute(query("verify_pending", names), params)
-        waiting_ids = {row[0] for row in await cur.fetchall()}
-    # Relays in unordered mode send no ordering headers.
-    seen = _Stored(window, settings.stream, settings.ordering_key if settings.ordered else None)
-    # A batch at a time: memory follows what is kept of each message, not the stream.
+        async for (event_id,) in cur.stream(query("verify_pending", names), params, size=10_000):
+            waiting.append(event_id)
+    timeline = await _timeline(conn, names)
+    seen = _Stored(
+        window,
+        settings.stream,
+        # Relays in unordered mode send no ordering headers.
+        settings.ordering_key if settings.ordered else None,
+        committed,
+        OrderCheck(by_event_id=strict_order),
+        # On a server that has changed timeline, a message of an event not committed
+        # may have been rolled back, and the new primary draws its claim numbers
+        # again: such messages are left out of the order check.
+        order_uncommitted=(timeline or 0) <= 1,
+    )
+    # A batch at a time, keeping a few bytes of each message: memory follows the
+    # window's events, not the stream's bytes.
     async for batch in read_stream_batches(js, settings.stream, subject=settings.subject_wildcard):
         for message in batch:
             seen.take(message)
-    late = [key[1] for key in seen.copies if key not in committed]
-    if late:
-        cur = await conn.execute(query("verify_exists", names), {"ids": late})
-        committed |= {(row[0], row[1]) for row in await cur.fetchall()}
+    report = committed.classify(waiting)
+    # Messages of events not committed when the database was read: committed since
+    # (a relay may run meanwhile), or never.
+    late: set[EventKey] = set()
+    if seen.uncommitted:
+        ids = sorted({key[1] for key in seen.uncommitted})
+        cur = await conn.execute(query("verify_exists", names), {"ids": ids})
+        late = {(row[0], row[1]) for row in await cur.fetchall()}
     # The outbox knows a row by its msg id alone: every row of a waiting id waits.
-    waiting = {key for key in committed if key[1] in waiting_ids}
-    report = classify_ids(
-        committed, waiting, _attributed(seen.copies, committed), event_id=itemgetter(1)
+    late_waiting = {key for key in late if _holds(waiting, key[1])}
+    rest = classify_ids(
+        late, late_waiting, _attributed(seen.uncommitted, late), event_id=itemgetter(1)
     )
-    gone = set(report.unexpected) & seen.relayed
+    report.ok += rest.ok
+    report.pending += rest.pending
+    report.lost += rest.lost
+    report.duplicate |= rest.duplicate
+    report.collided = sorted(set(report.collided) | set(collided(late)))
+    report.timeline = timeline
+    # Any publisher can set the relay's headers: only a server that has changed
+    # timeline (promoted, or restored to a point in time) can have lost commits.
+    gone = set(rest.unexpected) & seen.relayed if (timeline or 0) > 1 else set()
     report.rolled_back_by_failover = sorted(gone)
-    report.unexpected = [event_id for event_id in report.unexpected if event_id not in gone]
-    # Their queue ids were drawn again on the new primary: only events that exist
-    # have an order to keep.
-    report.out_of_order = out_of_order(
-        (k for k in seen.keyed if k[0] not in gone), by_event_id=strict_order
-    )
+    report.unexpected = [event_id for event_id in rest.unexpected if event_id not in gone]
+    report.out_of_order = [e for e in seen.order.found if e not in gone]
     report.unkeyed = seen.unkeyed
-    report.collided = collided(committed)
     return report
 
 
 @dataclass(slots=True)
 class _Stored:
-    """What verify keeps of each stream message: ids, key and sequence, no payload."""
+    """What verify keeps of each stream message: a count, or for the few messages of
+    events not committed when the database was read, their ids; the order check's
+    state per key; the unkeyed. Never the payload."""
 
     window: Window
     stream: str
     ordering_key: str | None  # the producers' key column, None in unordered mode
-    copies: Counter[EventKey] = field(default_factory=Counter)
-    relayed: set[int] = field(default_factory=set)  # event ids a relay published
-    keyed: list[tuple[int, str, int]] = field(default_factory=list)  # id, key, sequence
+    committed: _Committed
+    order: OrderCheck
+    order_uncommitted: bool
+    uncommitted: Counter[EventKey] = field(default_factory=Counter)
+    relayed: set[int] = field(default_factory=set)  # of those, the ones a relay sent
     unkeyed: list[int] = field(default_factory=list)
 
     def take(self, message: Msg) -> None:
@@ -295,15 +429,28 @@ class _Stored:
             return
         event_id = int(msg_id)
         event = event_row(message.data)
-        self.copies[(_execution_id(event), event_id)] += 1
-        if headers.get(EXPECTED_STREAM_HEADER) == self.stream:
-            self.relayed.add(event_id)
+        execution_id = _execution_id(event)
+        counted = self.committed.count(execution_id, event_id)
+        if not counted:
+            self.uncommitted[(execution_id, event_id)] += 1
+            if headers.get(EXPECTED_STREAM_HEADER) == self.stream:
+                self.relayed.add(event_id)
         key, sequence = headers.get(ORDERING_KEY_HEADER), headers.get(SEQUENCE_HEADER, "")
-        if key is not None and sequence.isdigit():
-            self.keyed.append((event_id, key, int(sequence)))
+        if key is not None and sequence.isdigit() and (counted or self.order_uncommitted):
+            self.order.see(event_id, key, int(sequence))
         expected = event_key(event, self.ordering_key)
         if expected is not None and (key != expected or not sequence.isdigit()):
             self.unkeyed.append(event_id)
+
+
+async def _timeline(conn: psycopg.AsyncConnection[Any], names: Names) -> int | None:
+    """The server's timeline, None if this role may not read it."""
+    try:
+        cur = await conn.execute(query("timeline", names))
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    row = await cur.fetchone()
+    return int(row[0]) if row is not None else None
 
 
 def event_key(event: dict[str, Any] | None, column: str | None) -> str | None:

@@ -185,16 +185,25 @@ SELECT set_config('idle_in_transaction_session_timeout', %(idle_in_transaction)s
 LISTEN {channel};
 
 -- name: verify_committed
--- Events committed in the window (bounds inclusive, NULL for open).
+-- Events committed in the window (bounds inclusive, NULL for open), in event id
+-- order: verify keeps them in sorted arrays and looks messages up by bisection.
 SELECT execution_id, event_id FROM {event_table}
 WHERE (%(from_id)s::bigint IS NULL OR event_id >= %(from_id)s)
-  AND (%(to_id)s::bigint IS NULL OR event_id <= %(to_id)s);
+  AND (%(to_id)s::bigint IS NULL OR event_id <= %(to_id)s)
+ORDER BY event_id, execution_id;
+
+-- name: timeline
+-- The server's timeline: 1 on a server never promoted nor restored to a point in time,
+-- which therefore cannot have thrown acknowledged commits away. A primary's current
+-- WAL file names it at once; the last checkpoint may still show the old one.
+SELECT CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END;
 
 -- name: verify_exists
 SELECT execution_id, event_id FROM {event_table} WHERE event_id = ANY(%(ids)s::bigint[]);
 
 -- name: verify_pending
--- Event ids still waiting in the outbox or parked in the dead letters.
+-- Event ids still waiting in the outbox or parked in the dead letters, in order.
 SELECT event_id::bigint FROM (
     SELECT event_id FROM {outbox_table}
     UNION ALL
@@ -202,7 +211,8 @@ SELECT event_id::bigint FROM (
 ) AS waiting
 WHERE event_id ~ '^-?[0-9]{{1,19}}$'
   AND (%(from_id)s::bigint IS NULL OR event_id::numeric >= %(from_id)s)
-  AND (%(to_id)s::bigint IS NULL OR event_id::numeric <= %(to_id)s);
+  AND (%(to_id)s::bigint IS NULL OR event_id::numeric <= %(to_id)s)
+ORDER BY 1;
 
 -- name: dead_letter_filter
 -- Shared WHERE clause of the dead-letter commands; every filter is optional.

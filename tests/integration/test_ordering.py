@@ -81,6 +81,7 @@ async def test_three_relays_keep_every_execution_in_commit_order(
         "collided": 0,
         "rolled_back_by_failover": 0,
         "clean": True,
+        "timeline": 1,  # the test servers are never promoted
         "samples": None,
     }
     # Each execution had one producer, so its commit order is its step order.

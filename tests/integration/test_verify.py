@@ -232,3 +232,17 @@ async def test_a_read_the_server_stops_answering_is_an_error_not_a_verdict(
         proxy.delay = 0
         await nc.close()
         await proxy.close()
+
+
+async def test_relay_headers_on_a_server_never_promoted_are_not_called_a_failover(
+    outbox: Settings, nc: NATS
+) -> None:
+    """Anyone can set the relay's headers: a message of an event the database never
+    had is rolled back by a failover only on a server that has changed timeline."""
+    js = nc.jetstream()
+    await ensure_stream(js, outbox)
+    headers = {"Nats-Msg-Id": "4242", "Nats-Expected-Stream": outbox.stream}
+    await js.publish(f"{outbox.subject_prefix}.x", b"{}", headers=headers)
+    async with await connect_postgres(outbox, autocommit=True) as conn:
+        report = await verify(conn, js, outbox, ALL)
+    assert (report.timeline, report.unexpected, report.rolled_back_by_failover) == (1, [4242], [])

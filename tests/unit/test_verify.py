@@ -1,8 +1,17 @@
+from array import array
 from collections import Counter
 from datetime import UTC, datetime
 
 from outbox_relay.ids import SnowflakeGenerator, split_id
-from outbox_relay.verify import Window, classify_ids, event_key, event_row, out_of_order
+from outbox_relay.verify import (
+    Window,
+    _Committed,
+    _execution_hash,
+    classify_ids,
+    event_key,
+    event_row,
+    out_of_order,
+)
 
 
 def test_every_class_is_found() -> None:
@@ -73,3 +82,35 @@ def test_event_key_reads_the_key_column_as_sql_text_renders_it() -> None:
     assert key(b"not json") is None
     assert key(b"[1, 2]") is None
     assert key(b'{"execution_id": 42}', None) is None
+
+
+def test_the_compact_store_counts_and_classifies_as_the_sets_did() -> None:
+    committed = _Committed()
+    # (execution, event) in event id order; event 30 committed by two executions.
+    for execution_id, event_id in [(1, 10), (1, 20), (None, 25), (1, 30), (2, 30), (1, 40)]:
+        committed.ids.append(event_id)
+        committed.executions.append(_execution_hash(execution_id))
+    committed.copies = bytearray(len(committed.ids))
+    assert committed.count(1, 10)
+    assert committed.count(None, 20)  # no execution named: its event id's only row
+    assert committed.count(None, 25)
+    assert not committed.count(2, 20)  # another execution's event 20: never committed
+    assert not committed.count(None, 30)  # two rows: which one is unknown
+    assert committed.count(2, 30)
+    assert committed.count(2, 30)
+    assert not committed.count(1, 99)
+    waiting = array("q", [40])
+    report = committed.classify(waiting)
+    assert (report.ok, report.duplicate, report.lost, report.pending, report.collided) == (
+        3,
+        {30: 2},
+        [30],
+        [40],
+        [30],
+    )
+
+
+def test_execution_stand_ins_fit_32_bits_and_keep_none_apart() -> None:
+    for execution_id in (0, 1, -1, 2**62, 2**63 - 1, -(2**63), 4_294_967_290):
+        assert -(2**31) < _execution_hash(execution_id) < 2**31
+    assert _execution_hash(None) == -(2**31)
