@@ -142,6 +142,8 @@ async def nats_ceiling(nats_url: str, rows: int, payload: int) -> float:
     return rows / elapsed
 
 
+CEILING_SPREAD_LIMIT = 0.15
+
 # ``outbox-relay run`` as its own process: on a stream it creates (fast-ingest batches
 # where the server takes them, nats-server 2.14), and on existing streams that allow
 # atomic batches only, or no batches (one PubAck per message).
@@ -176,17 +178,31 @@ async def main(rows: int, payload: int, rounds: int, *, with_peers: bool = True)
                 rates[name].append(await drain(database_url, nats_url, settings, rows, payload))
         medians = {name: statistics.median(values) for name, values in rates.items()}
         cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
-    ceiling = medians["nats-py ceiling"]
-    print(f"rows {rows}, payload {payload} B, rounds {rounds} (medians, rows/s)")
+    ceilings = rates["nats-py ceiling"]
+    # A ratio to a ceiling that moved by more than this between rounds is noise.
+    spread = (max(ceilings) - min(ceilings)) / statistics.median(ceilings)
+    honest = spread < CEILING_SPREAD_LIMIT
+    # Each round's drain over the same round's ceiling, then the median of those.
+    ratios = {
+        name: statistics.median(r / c for r, c in zip(values, ceilings, strict=True))
+        for name, values in rates.items()
+    }
+    print(
+        f"rows {rows}, payload {payload} B, rounds {rounds} (medians, rows/s); "
+        f"ceiling spread {spread:.0%} ({min(ceilings):,.0f}-{max(ceilings):,.0f})"
+        + ("" if honest else f": over {CEILING_SPREAD_LIMIT:.0%}, no ratio stated")
+    )
     print(f"  {'':32} {'rows/s':>10} {'÷ ceiling':>10} {'CPU s/100k':>11}")
     for name, rate in medians.items():
         used = f"{cpu_medians[name]:11.2f}" if name in cpu_medians else ""
-        print(f"  {name:32} {rate:10,.0f} {rate / ceiling:10.2f} {used}")
+        ratio = f"{ratios[name]:10.2f}" if honest else f"{'—':>10}"
+        print(f"  {name:32} {rate:10,.0f} {ratio} {used}")
     return {
         "rows": rows,
         "payload_bytes": payload,
         "rows_per_s": medians,
-        "over_ceiling": {name: rate / ceiling for name, rate in medians.items()},
+        "ceiling_spread": spread,
+        "over_ceiling": ratios if honest else None,
         "relay_cpu_s_per_100k": cpu_medians,
     }
 

@@ -7,6 +7,8 @@ verify`` as a process of its own, timed, its peak RSS read from the kernel
 (``wait4``)::
 
     .venv/bin/python -m benchmarks.verify --messages 1000000 10000000
+
+``--checkout`` runs the verify of another revision's checkout (``git worktree add``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ async def fill(settings: Settings, messages: int) -> None:
         await nc.close()
 
 
-def verify_process(settings: Settings) -> tuple[float, int, bytes]:
+def verify_process(settings: Settings, checkout: str | None) -> tuple[float, int, bytes]:
     """Seconds, peak RSS in bytes, and the JSON report of one ``outbox-relay verify``."""
     env = {
         **os.environ,
@@ -81,6 +83,7 @@ def verify_process(settings: Settings) -> tuple[float, int, bytes]:
         [sys.executable, "-m", "outbox_relay", "verify", "--json", "--strict-order"],
         env=env,
         stdout=subprocess.PIPE,
+        cwd=checkout,  # another revision's checkout runs its own verify
     )
     assert child.stdout is not None
     report = child.stdout.read()
@@ -90,7 +93,7 @@ def verify_process(settings: Settings) -> tuple[float, int, bytes]:
     return elapsed, usage.ru_maxrss * 1024, report
 
 
-async def main(sizes: list[int]) -> None:
+async def main(sizes: list[int], checkout: str | None) -> None:
     with ExitStack() as stack:
         database_url, nats_url = servers(stack)
         print(f"{'messages':>12}  {'seconds':>8}  {'messages/s':>11}  {'peak RSS MiB':>12}")
@@ -98,7 +101,9 @@ async def main(sizes: list[int]) -> None:
             settings = await fresh_outbox(database_url, nats_url)
             try:
                 await fill(settings, messages)
-                elapsed, peak, report = await anyio.to_thread.run_sync(verify_process, settings)
+                elapsed, peak, report = await anyio.to_thread.run_sync(
+                    verify_process, settings, checkout
+                )
                 assert orjson.loads(report)["ok"] == messages, report
                 print(
                     f"{messages:>12,}  {elapsed:>8.1f}  {messages / elapsed:>11,.0f}"
@@ -115,4 +120,6 @@ async def main(sizes: list[int]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, nargs="+", default=[1_000_000])
-    anyio.run(main, parser.parse_args().messages)
+    parser.add_argument("--checkout", help="run the verify of another checkout (a git worktree)")
+    args = parser.parse_args()
+    anyio.run(main, args.messages, args.checkout)
