@@ -80,20 +80,24 @@ async def start_relay(
     ``wrapper`` prefixes the command (``ip netns exec <name>``); ``cwd``, a checkout
     of another revision, runs that revision's relay.
     """
-    configured = {
+    configured = {"OUTBOX_LOG_LEVEL": "warning", "OUTBOX_METRICS_PORT": "0"}
+    return await anyio.open_process(
+        [*wrapper, sys.executable, "-m", "outbox_relay", "run"],
+        env={**outbox_env(settings), **configured, **env},
+        cwd=cwd,
+    )
+
+
+def outbox_env(settings: Settings) -> dict[str, str]:
+    """The environment an ``outbox-relay`` command reads ``settings`` from."""
+    return {
+        **os.environ,
         "OUTBOX_DATABASE_URL": settings.database_url,
         "OUTBOX_NATS_URL": settings.nats_urls[0],
         "OUTBOX_SCHEMA": settings.schema,
         "OUTBOX_STREAM": settings.stream,
         "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
-        "OUTBOX_LOG_LEVEL": "warning",
-        "OUTBOX_METRICS_PORT": "0",
     }
-    return await anyio.open_process(
-        [*wrapper, sys.executable, "-m", "outbox_relay", "run"],
-        env={**os.environ, **configured, **env},
-        cwd=cwd,
-    )
 
 
 async def stop_relay(process: Process) -> None:

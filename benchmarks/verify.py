@@ -27,7 +27,7 @@ import nats
 import orjson
 from psycopg import sql
 
-from benchmarks.common import drop_outbox, fresh_outbox, servers
+from benchmarks.common import drop_outbox, fresh_outbox, outbox_env, servers
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
 from outbox_relay.jetstream import ensure_stream
@@ -72,18 +72,10 @@ async def fill(settings: Settings, messages: int) -> None:
 
 def verify_process(settings: Settings, checkout: str | None) -> tuple[float, int, bytes]:
     """Seconds, peak RSS in bytes, and the JSON report of one ``outbox-relay verify``."""
-    env = {
-        **os.environ,
-        "OUTBOX_DATABASE_URL": settings.database_url,
-        "OUTBOX_NATS_URL": settings.nats_urls[0],
-        "OUTBOX_SCHEMA": settings.schema,
-        "OUTBOX_STREAM": settings.stream,
-        "OUTBOX_SUBJECT_PREFIX": settings.subject_prefix,
-    }
     started = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-m", "outbox_relay", "verify", "--json", "--strict-order"],
-        env=env,
+        env=outbox_env(settings),
         stdout=subprocess.PIPE,
         cwd=checkout,  # another revision's checkout runs its own verify
     )
