@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +64,7 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
             log.warning("NATS disconnected (%s); reconnecting", shown)
 
     async def on_reconnected() -> None:
+        discard_unsent_on_close(nc)
         log.info("NATS reconnected (%s)", shown)
 
     nc = NATS()
@@ -92,7 +97,44 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
             f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
             f"({reason}): {_connect_hint(reason)}"
         ) from exc
+    discard_unsent_on_close(nc)
     return nc
+
+
+def discard_unsent_on_close(nc: NATS) -> None:
+    """However the connection ends, the kernel drops what it still holds to send and
+    resets it (SO_LINGER 0) rather than deliver it later. A frame without its PubAck
+    is published again from its row, so dropping it costs nothing; delivered at a
+    silent link's heal, it would land late and out of order. nats-py closes a
+    connection it finds stale gracefully, which would deliver it."""
+    writer = _writer_of(nc)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is not None:
+        # A socket nats-py has closed already (a stale connection) took this setting
+        # when it opened: nothing is left to discard.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reset_connection(nc: NATS) -> bool:
+    """Drop the connection now, with what nats-py and the kernel still hold to send;
+    nats-py reconnects. False when the transport is not a socket of ours to reset
+    (a WebSocket)."""
+    writer = _writer_of(nc)
+    if writer is None:
+        return False
+    # Frames nats-py buffers would otherwise go out on the next connection.
+    nc._pending = []
+    nc._pending_data_size = 0
+    discard_unsent_on_close(nc)
+    writer.transport.abort()
+    return True
+
+
+def _writer_of(nc: NATS) -> asyncio.StreamWriter | None:
+    """nats-py's TCP (or TLS) stream writer; None for a WebSocket, or before connecting."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    return writer if isinstance(writer, asyncio.StreamWriter) else None
 
 
 def _connect_hint(reason: str) -> str:

@@ -118,6 +118,8 @@ class PartitionOwner:
         if decided.release:
             await self._store.release_partitions(conn, decided.release)
             self.owned -= set(decided.release)
+            # Probing a partition another relay owns now would get in its way.
+            self.contested -= set(decided.release)
         elif decided.take:
             free = [p for p in self._order if p not in self.owned]
             taken = await self._store.take_partitions(conn, free, decided.take)

@@ -11,8 +11,6 @@ import contextlib
 import enum
 import functools
 import logging
-import socket
-import struct
 import time
 import uuid
 from collections import deque
@@ -40,6 +38,7 @@ from outbox_relay.headers import (
     validate_header_value,
     wire_size,
 )
+from outbox_relay.jetstream import reset_connection
 from outbox_relay.store import Failure, OutboxMessage
 from outbox_relay.subjects import subject_matches, validate_subject
 
@@ -418,18 +417,19 @@ class Publisher:
 
     def _reset_link(self) -> None:
         """Drop the connection with a reset, so that no frame written on it and not yet
-        delivered (a stalled link keeps them in the kernel's send queue) can reach the
-        server after the rows are given back and published again, perhaps by another
-        relay: late, out of order, past the duplicate window. nats-py reconnects."""
-        writer = getattr(getattr(self._nc, "_transport", None), "_io_writer", None)
-        if writer is None or writer.transport.is_closing():
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # Linger 0: close() discards the send queue and sends RST, not FIN.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        log.warning("publish unanswered: connection to NATS reset, nothing sent on it can arrive")
-        writer.transport.abort()
+        delivered (a stalled link keeps them in the kernel's send queue, a blocked
+        flush in nats-py's) can reach the server after the rows are given back and
+        published again, perhaps by another relay: late, out of order, past the
+        duplicate window. nats-py reconnects."""
+        if reset_connection(self._nc):
+            log.warning(
+                "publish unanswered: connection to NATS reset, nothing sent on it can arrive"
+            )
+        else:
+            log.warning(
+                "publish unanswered: a WebSocket connection cannot be reset; frames it "
+                "still holds may arrive late"
+            )
 
     async def _publish_fast(
         self, messages: Sequence[OutboxMessage], result: BatchResult, send_until: float | None

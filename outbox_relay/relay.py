@@ -689,8 +689,10 @@ class Relay:
         self.metrics.set_state(RelayState.BUSY)
         self.metrics.batch_rows.observe(len(messages))
         failpoint(AFTER_CLAIM)
-        # Rows past the byte budget, if any, stay locked: only a batch that reached it.
-        return _Batch(conn, messages, send_until, payload_bytes >= settings.batch_max_bytes)
+        # Rows past the byte budget stay locked: only in a batch that reached it with
+        # fewer rows than it locked at most.
+        locks_more = payload_bytes >= settings.batch_max_bytes and len(messages) < limit
+        return _Batch(conn, messages, send_until, locks_more)
 
     async def _publish(self, batch: _Batch, publisher: Publisher, held: frozenset[str]) -> None:
         """Publish ``batch`` but for the rows of ``held`` keys, which stay in the outbox."""

@@ -249,6 +249,8 @@ def out_of_order(stored: Iterable[tuple[int, str, int]], *, by_event_id: bool = 
     return check.found
 
 
+# Rows a chunk when reading the database's side; libpq before 17 streams one at a time.
+_STREAM_ROWS = 10_000 if psycopg.pq.version() >= 170000 else 1
 # An event row without an execution id, among the 32-bit stand-ins of _execution_hash.
 _NO_EXECUTION = -(2**31)
 _HASH_PRIME = 4_294_967_291  # the largest prime below 2**32
@@ -281,7 +283,7 @@ class _Committed:
         committed = cls()
         async with conn.cursor() as cur:
             async for execution_id, event_id in cur.stream(
-                query("verify_committed", names), params, size=10_000
+                query("verify_committed", names), params, size=_STREAM_ROWS
             ):
                 committed.ids.append(event_id)
                 committed.executions.append(_execution_hash(execution_id))
@@ -291,24 +293,29 @@ class _Committed:
     def count(self, execution_id: int | None, event_id: int) -> bool:
         """Count a stored copy of the event; False when no committed row is it (a
         message naming no execution counts for its event id's only row)."""
+        row = self._row(execution_id, event_id)
+        if row is None:
+            return False
+        if self.copies[row] < 255:  # 255 stands for "255 or more"
+            self.copies[row] += 1
+        return True
+
+    def holds(self, key: EventKey) -> bool:
+        """Whether the row (execution id, event id) is among these."""
+        execution_id, event_id = key
+        row = self._row(execution_id, event_id)
+        return row is not None and self.executions[row] == _execution_hash(execution_id)
+
+    def _row(self, execution_id: int | None, event_id: int) -> int | None:
         ids = self.ids
         first = bisect_left(ids, event_id)
         end = first
         while end < len(ids) and ids[end] == event_id:
             end += 1
         if execution_id is None:
-            if end - first != 1:
-                return False
-            row = first
-        else:
-            wanted = _execution_hash(execution_id)
-            rows = [n for n in range(first, end) if self.executions[n] == wanted]
-            if not rows:
-                return False
-            row = rows[0]
-        if self.copies[row] < 255:  # 255 stands for "255 or more"
-            self.copies[row] += 1
-        return True
+            return first if end - first == 1 else None
+        wanted = _execution_hash(execution_id)
+        return next((n for n in range(first, end) if self.executions[n] == wanted), None)
 
     def classify(self, waiting: array[int]) -> Report:
         """Each committed event by the copies counted: ok, duplicate, or, with none,
@@ -357,7 +364,9 @@ async def verify(
     committed = await _Committed.read(conn, names, params)
     waiting = array("q")
     async with conn.cursor() as cur:
-        async for (event_id,) in cur.stream(query("verify_pending", names), params, size=10_000):
+        async for (event_id,) in cur.stream(
+            query("verify_pending", names), params, size=_STREAM_ROWS
+        ):
             waiting.append(event_id)
     timeline = await _timeline(conn, names)
     seen = _Stored(
@@ -384,7 +393,10 @@ async def verify(
     if seen.uncommitted:
         ids = sorted({key[1] for key in seen.uncommitted})
         cur = await conn.execute(query("verify_exists", names), {"ids": ids})
+        # Rows read up front are classified already: a message naming another
+        # execution for one of their ids must not classify them again.
         late = {(row[0], row[1]) for row in await cur.fetchall()}
+        late = {key for key in late if not committed.holds(key)}
     # The outbox knows a row by its msg id alone: every row of a waiting id waits.
     late_waiting = {key for key in late if _holds(waiting, key[1])}
     rest = classify_ids(

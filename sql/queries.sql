@@ -50,12 +50,14 @@ WITH claimed AS MATERIALIZED (
     FROM unnest(%(partitions)s::int[]) AS p
     WHERE %(ordered)s AND pg_try_advisory_xact_lock_shared({claimed_lock_class} + p, {lock_object})
 ), claimable AS MATERIALIZED (
-    -- Partitions as bits of one bigint (64 partitions): one test per row.
-    SELECT (SELECT c.mask FROM claimed AS c)
+    -- Partitions as bits of one bigint (64 partitions): one test per row. The CASE
+    -- evaluates the claimed locks first, as PostgreSQL guarantees for a CASE.
+    SELECT CASE WHEN (SELECT c.mask FROM claimed AS c) IS NULL THEN 0::bigint
+                WHEN %(owner_pid)s::int IS NULL THEN (SELECT c.mask FROM claimed AS c)
            -- Claimed on a relay's second session: only partitions its first session
            -- still holds (that one may have died meanwhile).
-           & CASE WHEN %(owner_pid)s::int IS NULL THEN -1::bigint
-                  ELSE (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
+                ELSE (SELECT c.mask FROM claimed AS c)
+                  & (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
                                                - {partition_lock_class})::int), 0)
                         FROM pg_locks AS l
                         WHERE l.locktype = 'advisory' AND l.granted

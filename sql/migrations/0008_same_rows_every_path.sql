@@ -31,7 +31,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- Rows already written that these rules refuse go to the dead letters with the
--- reason, so that the constraints below hold for every row.
+-- reason, so that the constraints below hold for every row; producers wait meanwhile,
+-- or a row committed between the move and the constraints would fail the migration.
+LOCK TABLE {outbox_table} IN SHARE ROW EXCLUSIVE MODE;
 WITH refused AS (
     DELETE FROM {outbox_table} AS o
     WHERE NOT {headers_valid_function}(o.headers)

@@ -159,16 +159,29 @@ async def test_slow_lossy_network(partitioned: Partitioned, tmp_path: Path) -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("publish_timeout", "window", "silence"),
+    [
+        (1, 10, 20),
+        # A publish timeout past the client's stale-connection check (2 unanswered
+        # PINGs 3 s apart): nats-py closes the connection first, gracefully.
+        (10, 30, 40),
+    ],
+    ids=["publish timeout first", "stale connection first"],
+)
 async def test_a_relay_whose_link_goes_silent_sends_nothing_late(
-    partitioned: Partitioned, tmp_path: Path
+    partitioned: Partitioned, tmp_path: Path, publish_timeout: int, window: int, silence: int
 ) -> None:
     """One relay reaches NATS through a link that goes silent (packets dropped, no RST:
     its frames wait in the kernel's send queue), another directly. The first gives up on
     its publishes, the second takes its rows over; at the heal nothing the first wrote
     may arrive, or it lands after later events of its key, past the duplicate window
-    (a 1 s publish timeout and a 10 s window, as accepted settings)."""
+    (the shortest window the settings accept, and a silence longer than it)."""
     settings = partitioned.settings
-    short = {"OUTBOX_PUBLISH_TIMEOUT": "1s", "OUTBOX_DUPLICATE_WINDOW": "10s"}
+    short = {
+        "OUTBOX_PUBLISH_TIMEOUT": f"{publish_timeout}s",
+        "OUTBOX_DUPLICATE_WINDOW": f"{window}s",
+    }
     load = Load(settings, rate=200, producers=2, executions=20)
     with (
         relay_process(
@@ -183,7 +196,7 @@ async def test_a_relay_whose_link_goes_silent_sends_nothing_late(
             await wait_until(lambda: all_started(silent, direct), within=30)
             await anyio.sleep(2)
             partitioned.namespace.cut(partitioned.nats.port)
-            await anyio.sleep(20)
+            await anyio.sleep(silence)
             partitioned.namespace.heal()
             await anyio.sleep(3)
             load.stop()
@@ -193,7 +206,7 @@ async def test_a_relay_whose_link_goes_silent_sends_nothing_late(
         codes = [await anyio.to_thread.run_sync(r.wait, 30) for r in (silent, direct)]
         assert codes == [0, 0], silent.output()
     await assert_nothing_lost_or_doubled(
-        "ordered: one of 2 relays' link to NATS silent 20 s (dropped, no RST); "
-        "publish timeout 1 s, duplicate window 10 s",
+        f"ordered: one of 2 relays' link to NATS silent {silence} s (dropped, no RST); "
+        f"publish timeout {publish_timeout} s, duplicate window {window} s",
         settings,
     )

@@ -99,6 +99,11 @@ def test_the_compact_store_counts_and_classifies_as_the_sets_did() -> None:
     assert committed.count(2, 30)
     assert committed.count(2, 30)
     assert not committed.count(1, 99)
+    # Rows read up front, which a late look-up must not classify again.
+    assert committed.holds((1, 10))
+    assert not committed.holds((2, 10))
+    assert committed.holds((None, 25))
+    assert not committed.holds((None, 10))
     waiting = array("q", [40])
     report = committed.classify(waiting)
     assert (report.ok, report.duplicate, report.lost, report.pending, report.collided) == (
