@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 import anyio
 import psycopg
@@ -139,6 +139,11 @@ class ClaimScope:
 UNORDERED = ClaimScope()
 
 
+def _is_relay(pid: LiteralString, names: Names) -> sql.Composed:
+    """The shared condition: the session of ``pid`` (a column) is a relay."""
+    return query("relay_session", names, pid=sql.SQL(pid))
+
+
 class OutboxStore:
     def __init__(self, names: Names, retry: RetryPolicy) -> None:
         # The version this release speaks: the claim fence refuses any other.
@@ -156,12 +161,14 @@ class OutboxStore:
         self._read_only = query("read_only", names)
         self._wal_position = query("wal_position", names)
         self._standby_has = query("standby_has", names)
-        self._count_relays = query("count_relays", names)
+        self._count_relays = query("count_relays", names, is_relay=_is_relay("r.pid", names))
         self._take_partitions = query("take_partitions", names)
         self._release_partitions = query("release_partitions", names)
         self._contested_partitions = query("contested_partitions", names)
         self._leave_relays = query("leave_relays", names)
-        self._partition_squatters = query("partition_squatters", names)
+        self._partition_squatters = query(
+            "partition_squatters", names, is_relay=_is_relay("p.pid", names)
+        )
         self._announce_partitions = query("announce_partitions", names)
         self._wait_for_producers = query("wait_for_producers", names)
         self._retry = retry

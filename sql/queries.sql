@@ -50,13 +50,12 @@ WITH claimed AS MATERIALIZED (
     FROM unnest(%(partitions)s::int[]) AS p
     WHERE %(ordered)s AND pg_try_advisory_xact_lock_shared({claimed_lock_class} + p, {lock_object})
 ), claimable AS MATERIALIZED (
-    -- Partitions as bits of one bigint (64 partitions): one test per row. The CASE
-    -- evaluates the claimed locks first, as PostgreSQL guarantees for a CASE.
-    SELECT CASE WHEN (SELECT c.mask FROM claimed AS c) IS NULL THEN 0::bigint
-                WHEN %(owner_pid)s::int IS NULL THEN (SELECT c.mask FROM claimed AS c)
+    -- Partitions as bits of one bigint (64 partitions): one test per row. Read from
+    -- claimed's row, so its locks are taken before the owner check looks.
+    SELECT CASE WHEN %(owner_pid)s::int IS NULL THEN c.mask
            -- Claimed on a relay's second session: only partitions its first session
            -- still holds (that one may have died meanwhile).
-                ELSE (SELECT c.mask FROM claimed AS c)
+                ELSE c.mask
                   & (SELECT coalesce(bit_or(1::bigint << (l.classid::bigint
                                                - {partition_lock_class})::int), 0)
                         FROM pg_locks AS l
@@ -67,6 +66,7 @@ WITH claimed AS MATERIALIZED (
                           -- shifted, they would stand for partitions.
                           AND l.classid::bigint BETWEEN {partition_lock_class}
                                                     AND {partition_lock_class} + 63) END AS mask
+    FROM claimed AS c
 )
 SELECT s.id, s.event_id, s.subject, s.payload, s.headers, s.ordering_key,
        (SELECT nextval({claim_sequence_literal}::regclass)) AS claim
@@ -330,21 +330,32 @@ SELECT pg_advisory_lock_shared({member_lock});
 -- name: leave_relays
 SELECT pg_advisory_unlock_shared({member_lock});
 
+-- name: relay_session
+-- Shared condition: session {pid} is a relay of this schema. Any role can take the
+-- membership lock, so holding it is not enough: the session's role must also be able
+-- to delete outbox rows, as a relay must (a producer's role cannot).
+-- Parenthesised, as it is spliced into other conditions (NOT ...).
+(EXISTS (
+     SELECT FROM pg_locks AS m
+     WHERE m.pid = {pid} AND m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
+       AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object})
+ AND coalesce((SELECT has_table_privilege(s.usesysid, {outbox_table_literal}::regclass, 'DELETE')
+               FROM pg_stat_activity AS s WHERE s.pid = {pid}), false))
+
 -- name: count_relays
--- Advisory locks are per database, but pg_locks shows the whole server's. Any role
--- can take the membership lock: only a session whose role may delete outbox rows,
--- as a relay must, is counted (a producer's is not, whatever locks it takes).
-SELECT count(*) FROM pg_locks AS m
-JOIN pg_stat_activity AS a ON a.pid = m.pid
-WHERE m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
-  AND m.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object}
-  AND has_table_privilege(a.usesysid, {outbox_table_literal}::regclass, 'DELETE');
+-- Every running relay holds the membership lock shared; counting the relays among
+-- its holders tells each its fair share of the key partitions. Advisory locks are
+-- per database, but pg_locks shows the whole server's.
+SELECT count(*) FROM pg_locks AS r
+WHERE r.locktype = 'advisory' AND r.granted AND r.objsubid = 2
+  AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND r.classid::bigint = {member_lock_class} AND r.objid::bigint = {lock_object}
+  AND {is_relay};
 
 -- name: partition_squatters
--- Sessions holding key partitions without being relays: not members, or members
--- whose role may not delete outbox rows (a producer's role, holding the membership
--- lock as well). The keyed rows of those partitions wait until they let go.
+-- Sessions holding key partitions without being relays: the keyed rows of those
+-- partitions wait until they let go.
 SELECT p.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''),
        coalesce(host(a.client_addr), 'local'), count(*) AS partitions
 FROM pg_locks AS p
@@ -353,14 +364,7 @@ WHERE p.locktype = 'advisory' AND p.granted AND p.objsubid = 2
   AND p.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND p.classid::bigint BETWEEN {partition_lock_class} AND {partition_lock_class} + 63
   AND p.objid::bigint = {lock_object}
-  AND NOT (
-      EXISTS (
-          SELECT FROM pg_locks AS m
-          WHERE m.pid = p.pid AND m.locktype = 'advisory' AND m.granted AND m.objsubid = 2
-            AND m.database = p.database
-            AND m.classid::bigint = {member_lock_class} AND m.objid::bigint = {lock_object})
-      AND coalesce(has_table_privilege(a.usesysid, {outbox_table_literal}::regclass, 'DELETE'),
-                   false))
+  AND NOT {is_relay}
 GROUP BY p.pid, a.usename, a.application_name, a.client_addr
 ORDER BY p.pid;
 

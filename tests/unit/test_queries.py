@@ -11,7 +11,7 @@ HOSTILE = ['we"ird', "Robert'); DROP TABLE students;--", "spa ce", "ünï"]
 
 def test_every_named_query_renders() -> None:
     names = Names("noetl")
-    extra = {"columns", "values", "filter", "role", "ordering_key"}
+    extra = {"columns", "values", "filter", "role", "ordering_key", "pid", "is_relay"}
     for name in _named_queries():
         text = _named_queries()[name]
         needed = set(re.findall(r"(?<!\{)\{(\w+)\}(?!\})", text))
