@@ -458,10 +458,12 @@ class _Stored:
 async def _timeline(conn: psycopg.AsyncConnection[Any], names: Names) -> int | None:
     """The server's timeline, None if this role may not read it."""
     try:
-        cur = await conn.execute(query("timeline", names))
+        # A savepoint inside a caller's transaction: a refusal must not abort it.
+        async with conn.transaction():
+            cur = await conn.execute(query("timeline", names))
+            row = await cur.fetchone()
     except psycopg.errors.InsufficientPrivilege:
         return None
-    row = await cur.fetchone()
     return int(row[0]) if row is not None else None
 
 
