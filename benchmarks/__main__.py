@@ -43,7 +43,9 @@ async def run_all(quick: bool) -> dict[str, Any]:
         "producer_keys": await producer_keys.main(
             [1, 10, 1000], 4 // min(scale, 2), 1 if quick else 3
         ),
-        "latency": await latency.main([1000, 10000], 10 // scale, [1]),
+        "latency": await latency.main(
+            [100, 500, 1000], 10 // scale, [1], ["floor", "ours"], 1 if quick else 3
+        ),
         "memory": await memory.main(),
         "backlog": await backlog.main(1_000_000 // scale, 300),
         "scaling": await scaling.main(100_000 // scale, [1, 2, 4]),

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from outbox_relay.config import DEFAULT_BATCH_MAX_BYTES
 from outbox_relay.errors import NotMigratedError
-from outbox_relay.queries import CLAIM_SHIFT, Names, query
+from outbox_relay.queries import CLAIM_SHIFT, Names, compiled, query
 from outbox_relay.schema import latest_version
 
 # How often a relay that publishes only what a standby has looks again: a standby
@@ -146,31 +146,32 @@ def _is_relay(pid: LiteralString, names: Names) -> sql.Composed:
 
 class OutboxStore:
     def __init__(self, names: Names, retry: RetryPolicy) -> None:
+        def named(name: str, **extra: sql.Composable) -> bytes:
+            return compiled(query(name, names, **extra))
+
         # The version this release speaks: the claim fence refuses any other.
         self._schema_version = latest_version()
-        self._claim = query("claim_batch", names)
-        self._delete = query("delete_published", names)
-        self._record_failures = query("record_failures", names)
-        self._lag = query("lag", names)
-        self._table_health = query("table_health", names)
-        self._take_idle_lock = query("take_idle_lock", names)
-        self._idle_lock_held_elsewhere = query("idle_lock_held_elsewhere", names)
-        self._release_idle_lock = query("release_idle_lock", names)
-        self._join_relays = query("join_relays", names)
-        self._ping = query("ping", names)
-        self._read_only = query("read_only", names)
-        self._wal_position = query("wal_position", names)
-        self._standby_has = query("standby_has", names)
-        self._count_relays = query("count_relays", names, is_relay=_is_relay("r.pid", names))
-        self._take_partitions = query("take_partitions", names)
-        self._release_partitions = query("release_partitions", names)
-        self._contested_partitions = query("contested_partitions", names)
-        self._leave_relays = query("leave_relays", names)
-        self._partition_squatters = query(
-            "partition_squatters", names, is_relay=_is_relay("p.pid", names)
-        )
-        self._announce_partitions = query("announce_partitions", names)
-        self._wait_for_producers = query("wait_for_producers", names)
+        self._claim = named("claim_batch")
+        self._delete = named("delete_published")
+        self._record_failures = named("record_failures")
+        self._lag = named("lag")
+        self._table_health = named("table_health")
+        self._take_idle_lock = named("take_idle_lock")
+        self._idle_lock_held_elsewhere = named("idle_lock_held_elsewhere")
+        self._release_idle_lock = named("release_idle_lock")
+        self._join_relays = named("join_relays")
+        self._ping = named("ping")
+        self._read_only = named("read_only")
+        self._wal_position = named("wal_position")
+        self._standby_has = named("standby_has")
+        self._count_relays = named("count_relays", is_relay=_is_relay("r.pid", names))
+        self._take_partitions = named("take_partitions")
+        self._release_partitions = named("release_partitions")
+        self._contested_partitions = named("contested_partitions")
+        self._leave_relays = named("leave_relays")
+        self._partition_squatters = named("partition_squatters", is_relay=_is_relay("p.pid", names))
+        self._announce_partitions = named("announce_partitions")
+        self._wait_for_producers = named("wait_for_producers")
         self._retry = retry
 
     async def claim(
@@ -262,7 +263,7 @@ class OutboxStore:
         await self._flag(conn, self._release_idle_lock)
 
     @staticmethod
-    async def _flag(conn: psycopg.AsyncConnection[Any], statement: sql.Composed) -> bool:
+    async def _flag(conn: psycopg.AsyncConnection[Any], statement: bytes) -> bool:
         async with conn.transaction():
             cur = await conn.execute(statement)
             row = await cur.fetchone()
