@@ -1,6 +1,6 @@
 """Prometheus metrics and the health endpoints of a relay process.
 
-Counters are read from the relay's :class:`~outbox_relay.relay.RelayStats` at scrape
+Counters are read from the relay's :class:`RelayStats` at scrape
 time, so the hot path pays nothing for them; only the two histograms are observed
 per batch. Every metric lives in the relay's own registry, never the global one.
 
@@ -28,7 +28,6 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
-    from outbox_relay.relay import RelayStats
     from outbox_relay.store import Lag, TableHealth
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,17 @@ class Connections:
         if not self.stream:
             found.append("stream missing")
         return found
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """The relay's running totals, which the counters read at scrape time."""
+
+    batches: int = 0
+    published: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
 
 
 class _StatsCollector(Collector):

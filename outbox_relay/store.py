@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, LiteralString
+from typing import Any, LiteralString, Protocol
 
 import anyio
 import psycopg
@@ -144,6 +144,32 @@ def _is_relay(pid: LiteralString, names: Names) -> sql.Composed:
     return query("relay_session", names, pid=sql.SQL(pid))
 
 
+class OutboxLayout(Protocol):
+    """What the relay does with an outbox table's rows, whatever the table's layout:
+    the seam a layout plugs into. :class:`OutboxStore` is ours (sql/migrations/);
+    everything else the relay does (partitions, the idle lock) is layout-free."""
+
+    async def claim(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        limit: int,
+        scope: ClaimScope = ...,
+        *,
+        max_bytes: int = ...,
+    ) -> list[OutboxMessage]: ...
+
+    async def finish(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        published: Sequence[int],
+        failures: Sequence[Failure],
+    ) -> FailureOutcome: ...
+
+    async def lag(self, conn: psycopg.AsyncConnection[Any]) -> Lag: ...
+
+    async def table_health(self, conn: psycopg.AsyncConnection[Any]) -> TableHealth: ...
+
+
 class OutboxStore:
     def __init__(self, names: Names, retry: RetryPolicy) -> None:
         def named(name: str, **extra: sql.Composable) -> bytes:
@@ -207,11 +233,19 @@ class OutboxStore:
             for n, (row_id, msg_id, subject, payload, headers, key, claim) in enumerate(rows)
         ]
 
-    async def delete(self, conn: psycopg.AsyncConnection[Any], ids: Sequence[int]) -> None:
-        if ids:
-            await conn.execute(self._delete, {"ids": list(ids)})
+    async def finish(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        published: Sequence[int],
+        failures: Sequence[Failure],
+    ) -> FailureOutcome:
+        """Delete the rows published; retry or dead-letter the failed ones (the
+        caller's transaction, the claim's)."""
+        if published:
+            await conn.execute(self._delete, {"ids": list(published)})
+        return await self._record_failures_of(conn, failures)
 
-    async def record_failures(
+    async def _record_failures_of(
         self, conn: psycopg.AsyncConnection[Any], failures: Sequence[Failure]
     ) -> FailureOutcome:
         if not failures:

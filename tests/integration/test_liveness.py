@@ -12,8 +12,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from outbox_relay.config import Settings
+from outbox_relay.liveness import STEP_DOWN_AFTER
 from outbox_relay.queries import KEY_PARTITIONS, PARTITION_LOCK_CLASS
-from outbox_relay.relay import STEP_DOWN_AFTER, Relay
+from outbox_relay.relay import Relay
 from outbox_relay.verify import Window, verify
 from tests.acceptance.cli import env_for, outbox_relay
 from tests.helpers import drained, producer_for, running_relay, wait_until

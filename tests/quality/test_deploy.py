@@ -12,8 +12,7 @@ import promql_parser
 import pytest
 import yaml
 
-from outbox_relay.metrics import RelayMetrics
-from outbox_relay.relay import RelayStats
+from outbox_relay.metrics import RelayMetrics, RelayStats
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KUBERNETES_VERSION = "1.30.0"
