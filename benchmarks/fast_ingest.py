@@ -42,9 +42,10 @@ from nats.js.api import StorageType, StreamConfig
 
 from benchmarks.common import interleaved_medians
 from outbox_relay import atomic, fast_ingest
+from outbox_relay.channel import AckInbox
 from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import server_version
-from outbox_relay.publish import MSG_ID_HEADER, Ack, AckInbox
+from outbox_relay.publish import MSG_ID_HEADER, Ack
 
 MODES = ("publish_async", "atomic", "fast")
 ATOMIC_IN_FLIGHT = 4  # batches awaiting their PubAck: 4,000 messages, as publish_async

@@ -4,7 +4,7 @@ A batch is a run of core-NATS publishes carrying ``Nats-Batch-Id`` and a gapless
 ``Nats-Batch-Sequence``; the last also carries ``Nats-Batch-Commit: 1`` and a reply
 subject. The server stores the whole batch, in order, and answers with one PubAck
 (its ``count`` is the batch's size), or stores none of it and answers with an error.
-Pure rules here; :class:`~outbox_relay.publish.Publisher` does the I/O.
+Pure rules here; :mod:`~outbox_relay.publish_atomic` does the I/O.
 """
 
 from __future__ import annotations

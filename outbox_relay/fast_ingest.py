@@ -18,7 +18,7 @@ prompted the answer, in JSON:
 - ``{"error": {...}}``: the message was refused outside a batch (e.g. 10205, the
   stream does not allow batches).
 
-Protocol rules here; :class:`~outbox_relay.publish.Publisher` does the I/O.
+Protocol rules here; :mod:`~outbox_relay.publish_fast` does the I/O.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ relay's CPU time. The relay's rows are checked before they get here (subjects by
 :func:`~outbox_relay.subjects.validate_subject`, headers by
 :mod:`~outbox_relay.headers`), so a batch's frames are encoded here, byte for byte
 as nats-py would, and handed to the client in one write
-(:class:`~outbox_relay.publish.FrameWriter`).
+(:class:`~outbox_relay.channel.FrameWriter`).
 """
 
 from __future__ import annotations
