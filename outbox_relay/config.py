@@ -195,11 +195,8 @@ class Settings:
         if not self.nats_urls or not all(u.strip() for u in self.nats_urls):
             raise ConfigError("the NATS URL list is empty: set --nats-url or OUTBOX_NATS_URL")
         for url in self.nats_urls:
-            parts = urlsplit(url if "://" in url else f"nats://{url}")
-            if parts.scheme not in {"nats", "tls", "ws", "wss"} or not parts.hostname:
-                raise ConfigError(
-                    f"invalid NATS URL {redact_url(url)!r}: expected nats://host:port"
-                )
+            if problem := _nats_url_problem(url):
+                raise ConfigError(f"invalid NATS URL {redact_url(url)!r}: {problem}")
         # Bytes, too: the producer reserves room for the longest name in its headers.
         if not _STREAM_NAME.match(self.stream) or len(self.stream.encode()) > 255:
             raise ConfigError(
@@ -275,14 +272,28 @@ def split_nats_urls(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _nats_url_problem(url: str) -> str | None:
+    """What is wrong with a NATS URL, in words (None: nothing nats-py would trip on)."""
+    if any(c.isspace() or c == ";" for c in url):
+        return "separate several URLs with commas, nothing else"
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.scheme not in {"nats", "tls", "ws", "wss"} or not parts.hostname:
+        return "expected nats://host:port"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    return None
+
+
 def redact_url(url: str) -> str:
     """The URL with any password or token replaced, safe to log."""
     parts = urlsplit(url)
     if parts.password is None and parts.username is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: even a port that is no number
     user = f"{parts.username}:***@" if parts.password is not None else "***@"
     return urlunsplit(parts._replace(netloc=user + host))
 

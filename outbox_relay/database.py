@@ -12,7 +12,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 
 from outbox_relay.config import Settings, describe_database
-from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
+from outbox_relay.errors import ConfigError, ReadOnlyServerError, ServerUnavailableError
 from outbox_relay.queries import query
 
 # A server that vanishes without a RST (a network partition) must fail the connection
@@ -38,7 +38,14 @@ async def connect_postgres(
 
     ``application_name`` applies unless the connection string or ``PGAPPNAME`` sets one.
     """
-    given = _params(settings.database_url)
+    try:
+        given = conninfo_to_dict(settings.database_url)
+    except psycopg.ProgrammingError:
+        # Not echoed: a malformed string may still hold a password.
+        raise ConfigError(
+            "the database URL is neither a libpq URL (postgresql://user@host:5432/dbname) "
+            "nor key=value pairs: check --database-url / OUTBOX_DATABASE_URL"
+        ) from None
     extra: dict[str, Any] = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
     if "application_name" not in given and not os.environ.get("PGAPPNAME"):
         extra["application_name"] = application_name
@@ -77,10 +84,3 @@ def connected_to(conn: psycopg.AsyncConnection[Any]) -> str:
     """``user@host:port/dbname`` of an open connection: the target as libpq resolved it."""
     info = conn.info
     return f"{info.user}@{info.host}:{info.port}/{info.dbname}"
-
-
-def _params(conninfo: str) -> dict[str, Any]:
-    try:
-        return conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:  # malformed: connect() reports it
-        return {}

@@ -58,6 +58,11 @@ async def migrate(
         await conn.execute(query("create_migrations_table", names))
         cur = await conn.execute(query("applied_migrations", names))
         applied = {row[0] for row in await cur.fetchall()}
+        if applied and max(applied) > latest_version():
+            raise NotMigratedError(
+                f"the outbox schema {names.schema!r} is at version {max(applied)}, newer than "
+                f"this release knows ({latest_version()}): nothing changed; upgrade outbox-relay"
+            )
         pending = [m for m in migrations() if m.version not in applied]
         if not applied and not create_event_table:
             await _require_event_table(conn, names)

@@ -57,6 +57,7 @@ from outbox_relay.publish import (
 )
 from outbox_relay.queries import Names, query
 
+_BIGINT_MAX = 2**63 - 1
 SAMPLE = 20  # problem ids listed per class; counts are always complete
 # The classes that make a report unclean.
 PROBLEMS = (
@@ -93,9 +94,12 @@ class Window:
         def first_id(moment: datetime) -> int:
             return max(0, int(moment.timestamp() * 1000) - EPOCH_MS) << LOW_BITS
 
+        def bigint(event_id: int) -> int:  # past 2058 the ids would not fit
+            return min(event_id, _BIGINT_MAX)
+
         return cls(
-            first_id(since) if since else None,
-            first_id(until) + (1 << LOW_BITS) - 1 if until else None,
+            bigint(first_id(since)) if since else None,
+            bigint(first_id(until) + (1 << LOW_BITS) - 1) if until else None,
         )
 
     def __contains__(self, event_id: int) -> bool:

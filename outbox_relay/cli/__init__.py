@@ -45,9 +45,39 @@ __all__ = ["cli", "configuration_reference", "main", "settings_from"]
     help="auto: JSON lines unless stderr is a terminal.",
 )
 @click.version_option(package_name="outbox-relay")
-def cli(log_level: str, log_format: LogFormat) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, log_format: LogFormat) -> None:
     """Relay committed PostgreSQL outbox rows to NATS JetStream, exactly once in effect."""
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
     configure_logging(log_level, log_format)
+
+
+def _relog(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """The log options given after the command, as users type them: they win."""
+    if value is None or param.name is None:
+        return
+    chosen = ctx.find_root().obj
+    chosen[param.name] = value
+    configure_logging(chosen["log_level"], chosen["log_format"])
+
+
+def _log_options_everywhere(command: click.Command) -> None:
+    """``outbox-relay run --log-format text`` as well as before the command; the
+    environment variables stay the group's, so the reference lists them once."""
+    for param in cli.params:
+        if isinstance(param, click.Option) and param.name in ("log_level", "log_format"):
+            command.params.append(
+                click.Option(
+                    param.opts,
+                    type=param.type,
+                    expose_value=False,
+                    callback=_relog,
+                    help=f"{param.help} Also before the command.",
+                )
+            )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _log_options_everywhere(sub)
 
 
 # In this order: config-reference lists each flag's commands in it.
@@ -62,6 +92,7 @@ for _command in (
     dead_letters_group,
     demo_command,
 ):
+    _log_options_everywhere(_command)
     cli.add_command(_command)
 
 

@@ -223,6 +223,8 @@ def window_bounds(options: dict[str, Any]) -> tuple[Window, datetime | None, dat
     if from_id is not None and to_id is not None and from_id > to_id:
         raise click.UsageError(f"--from-id {from_id} is after --to-id {to_id}: the window is empty")
     start, end = moment(since), moment(until)
+    if start is not None and start > datetime.now(UTC):
+        raise click.UsageError(f"--since {since} is in the future: the window is empty")
     if start is not None and end is not None and start > end:
         raise click.UsageError(
             f"--since {since} is after --until {until}: the window is empty "

@@ -139,6 +139,18 @@ async def test_events_from_concurrent_producer_processes_arrive_exactly_once(
         (["run", "--batch-size", "0"], {}, 2, "batch size must be between 1 and 10000"),
         (["run", "--poll-interval", "soon"], {}, 2, "invalid duration 'soon'"),
         (["run", "--nats-url", "http://x:1"], {}, 2, "invalid NATS URL"),
+        (["run", "--nats-url", "nats://127.0.0.1:42x2"], {}, 2, "port must be a number"),
+        (["check", "--nats-url", "nats://u:s3cret@127.0.0.1:99999"], {}, 2, "port must be"),
+        (
+            ["run", "--nats-url", "nats://127.0.0.1:4222;nats://127.0.0.1:4223"],
+            {},
+            2,
+            "separate several URLs with commas",
+        ),
+        (["run"], {"OUTBOX_DATABASE_URL": "postgres//app:s3cret@x"}, 2, "neither a libpq URL"),
+        (["lag"], {"OUTBOX_DATABASE_URL": "host=x port"}, 2, "neither a libpq URL"),
+        (["verify", "--since", "2099-01-01"], {}, 2, "is in the future"),
+        (["replay", "--since", "2099-01-01", "--dry-run"], {}, 2, "is in the future"),
         (["run", "--subject-prefix", "a.*"], {}, 2, "wildcards"),
         (
             ["run"],
@@ -173,6 +185,35 @@ async def test_user_mistakes_get_one_line_and_an_exit_code(
     assert message in output
     assert "Traceback" not in output
     assert "s3cret" not in output
+
+
+async def test_migrate_refuses_a_schema_newer_than_it_knows(outbox: Settings) -> None:
+    with psycopg.connect(outbox.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {} (version, name) VALUES (%s, 'from_the_future')").format(
+                sql.Identifier(outbox.schema, "event_outbox_migration")
+            ),
+            (latest_version() + 1,),
+        )
+    result = await outbox_relay("migrate", env=env_for(outbox))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"is at version {latest_version() + 1}, newer than this release knows" in result.stderr
+    assert result.stdout == ""  # not "schema ... is at version" as if all were well
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+async def test_log_options_work_before_and_after_the_command(outbox: Settings, where: str) -> None:
+    env = env_for(outbox, OUTBOX_NATS_URL="nats://127.0.0.1:9", OUTBOX_CONNECT_TIMEOUT="1s")
+    env.pop("OUTBOX_LOG_FORMAT", None)
+    options = ["--log-format", "text", "--log-level", "debug"]
+    args = [*options, "run"] if where == "before" else ["run", *options]
+    result = await outbox_relay(*args, env=env)
+    assert result.returncode == 3, result.stderr
+    logged = result.stderr.splitlines()[:-1]  # the last line is the error itself
+    assert logged, result.stderr
+    assert not any(line.startswith("{") for line in logged), logged  # text, not JSON
+    assert any("DEBUG" in line for line in logged), logged
 
 
 async def test_check_passes_once_the_stream_exists(

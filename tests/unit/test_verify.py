@@ -119,3 +119,9 @@ def test_execution_stand_ins_fit_32_bits_and_keep_none_apart() -> None:
     for execution_id in (0, 1, -1, 2**62, 2**63 - 1, -(2**63), 4_294_967_290):
         assert -(2**31) < _execution_hash(execution_id) < 2**31
     assert _execution_hash(None) == -(2**31)
+
+
+def test_a_time_window_far_in_the_future_stays_within_bigint() -> None:
+    window = Window.between(datetime(2020, 1, 1, tzinfo=UTC), datetime(2999, 1, 1, tzinfo=UTC))
+    assert window.from_id == 0
+    assert window.to_id == 2**63 - 1
