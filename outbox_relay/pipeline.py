@@ -277,7 +277,8 @@ class Pipeline:
             )
         if outcome.dead_lettered:
             log.error(
-                "%d rows moved to the dead letters after %d attempts",
+                "%d rows moved to the dead letters, their attempts at the limit of %d "
+                "(--max-attempts)",
                 outcome.dead_lettered,
                 self.settings.max_attempts,
                 extra={"batch": number, "dead_lettered": outcome.dead_lettered},

@@ -10,7 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox_relay.errors import ConfigError, NotMigratedError
+from outbox_relay.database import connected_to
+from outbox_relay.errors import ConfigError, NotMigratedError, ReadOnlyServerError
 from outbox_relay.queries import ROLE_PURPOSES, SQL_DIR, Names, query, render
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -54,6 +55,13 @@ async def migrate(
     for a standalone one: NoETL's DDL would keep ours, which is not NoETL's shape.
     """
     async with conn.transaction():
+        cur = await conn.execute(query("read_only", names))
+        row = await cur.fetchone()
+        if row and row[0]:
+            raise ReadOnlyServerError(
+                f"PostgreSQL at {connected_to(conn)} is read-only (a standby?): "
+                "run migrate against the primary"
+            )
         await _lock_schema(conn, names)
         await conn.execute(query("create_migrations_table", names))
         cur = await conn.execute(query("applied_migrations", names))

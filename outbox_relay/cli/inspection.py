@@ -27,8 +27,8 @@ from outbox_relay.config import (
     Settings,
     format_duration,
 )
-from outbox_relay.database import connect_postgres
-from outbox_relay.errors import OutboxError
+from outbox_relay.database import connect_postgres, connected_to
+from outbox_relay.errors import OutboxError, ReadOnlyServerError
 from outbox_relay.jetstream import connect_nats, publish_note, require_stream
 from outbox_relay.producer import max_payload_from_env
 from outbox_relay.schema import ensure_migrated, latest_version
@@ -143,14 +143,20 @@ def check_command(**options: Any) -> None:
 
     async def go() -> None:
         async with await connect_postgres(settings, autocommit=True) as conn:
-            await ensure_migrated(conn, settings.names)
             store = OutboxStore(settings.names, RetryPolicy())
+            if await store.read_only(conn):
+                raise ReadOnlyServerError(
+                    f"PostgreSQL at {connected_to(conn)} is read-only (a standby?): relays "
+                    "would wait there for a primary; point --database-url at the primary"
+                )
+            await ensure_migrated(conn, settings.names)
             health = await store.table_health(conn)
             squatters = await store.partition_squatters(conn)
         click.echo(f"postgres: ok, schema {settings.schema} at version {latest_version()}")
         click.echo(
-            f"outbox table: {health.live_rows:,} live rows, {health.dead_rows:,} dead, "
-            f"{health.size_bytes / 2**20:,.1f} MiB"
+            f"outbox table: {health.size_bytes / 2**20:,.1f} MiB; about {health.live_rows:,} "
+            f"live and {health.dead_rows:,} dead rows by PostgreSQL's statistics (`lag` "
+            "counts the pending rows)"
         )
         if warning := health.bloat_warning():
             click.echo(f"warning: {warning}", err=True)

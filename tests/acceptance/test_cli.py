@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from nats.aio.client import Client as NATS
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from outbox_relay.atomic import BATCH_COMMIT_HEADER, BATCH_ID_HEADER, BATCH_SEQUENCE_HEADER
 from outbox_relay.config import Settings
@@ -185,6 +186,17 @@ async def test_user_mistakes_get_one_line_and_an_exit_code(
     assert message in output
     assert "Traceback" not in output
     assert "s3cret" not in output
+
+
+@pytest.mark.parametrize("command", ["check", "migrate"])
+async def test_a_read_only_server_is_named_as_such(outbox: Settings, command: str) -> None:
+    """A standby answers like this too; it used to pass check and fail migrate raw."""
+    url = make_conninfo(outbox.database_url, options="-c default_transaction_read_only=on")
+    result = await outbox_relay(command, env=env_for(outbox, OUTBOX_DATABASE_URL=url))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "is read-only (a standby?)" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "ok" not in result.stdout
 
 
 async def test_migrate_refuses_a_schema_newer_than_it_knows(outbox: Settings) -> None:
