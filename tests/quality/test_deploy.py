@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import click
 import kubernetes_validate
 import promql_parser
 import pytest
 import yaml
 
+from outbox_relay.cli import cli
 from outbox_relay.metrics import RelayMetrics, RelayStats
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -102,3 +104,22 @@ def test_the_deployment_probes_the_relay_and_runs_several_replicas() -> None:
     assert any(r["kind"] == "PodDisruptionBudget" for _, r in kubernetes_resources())
     job = next(r for _, r in kubernetes_resources() if r["kind"] == "Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+
+
+# What the ConfigMap sets on purpose for a cluster; every other key says the default.
+CLUSTER_CHOICES = {"OUTBOX_NATS_URL", "OUTBOX_LOG_FORMAT"}
+
+
+def test_the_configmap_says_the_defaults_but_where_it_chooses() -> None:
+    """It said OUTBOX_BATCH_SIZE 500 long after the default became 2,000."""
+    (config_map,) = (r for _, r in kubernetes_resources() if r["kind"] == "ConfigMap")
+    defaults = {
+        param.envvar: param.default
+        for command in [cli, *cli.commands.values()]
+        for param in command.params
+        if isinstance(param, click.Option) and isinstance(param.envvar, str)
+    }
+    for key, value in config_map["data"].items():
+        assert key in defaults, f"{key} is no outbox-relay option"
+        if key not in CLUSTER_CHOICES:
+            assert str(value) == str(defaults[key]), f"{key}: {value} (default {defaults[key]})"

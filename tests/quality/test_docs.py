@@ -7,6 +7,7 @@ from pathlib import Path
 from outbox_relay.cli import configuration_reference
 from outbox_relay.config import DEFAULT_SUBJECT_PREFIX
 from outbox_relay.headers import validate_headers
+from outbox_relay.metrics import RelayMetrics, RelayStats
 from outbox_relay.subjects import subject_matches, validate_subject
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,3 +52,12 @@ def test_the_producer_example_would_be_published() -> None:
     assert subject_matches(f"{DEFAULT_SUBJECT_PREFIX}.>", validate_subject(arguments["subject"]))
     validate_headers(headers)
     assert "W3C Trace Context" in README
+
+
+def test_every_metric_the_relay_exports_is_in_the_readme() -> None:
+    """The metrics table is written by hand: this keeps it from drifting."""
+    metrics = RelayMetrics(RelayStats(), relay_id="docs", stream="s", schema="noetl")
+    suffix = {"counter": "_total", "info": "_info"}
+    exported = {family.name + suffix.get(family.type, "") for family in metrics.registry.collect()}
+    documented = set(re.findall(r"`(outbox_relay_[a-z_]+)", README))
+    assert exported - documented == set(), "README's metrics table misses these"
