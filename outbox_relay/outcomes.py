@@ -75,6 +75,8 @@ class BatchResult:
     transient_reason: str = ""
     # Frames written that the server never answered: they may still be on the way.
     unanswered: bool = False
+    # The stream itself is gone (deleted under the relay): rows wait until it is back.
+    stream_missing: bool = False
 
     def add_transient(self, reason: str) -> None:
         self.transient += 1

@@ -103,6 +103,10 @@ class Publisher:
         return self._fast.on
 
     @property
+    def client(self) -> NATS:
+        return self._channel.nc
+
+    @property
     def connected(self) -> bool:
         return bool(self._channel.nc.is_connected)
 

@@ -138,4 +138,5 @@ class OneByOnePath:
                     Failure(message.id, f"no stream binds subject {message.subject}")
                 )
             else:
+                result.stream_missing = True
                 result.add_transient(f"stream {stream} does not exist")

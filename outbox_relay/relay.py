@@ -23,11 +23,12 @@ import socket
 import time
 
 import anyio
+import nats.errors
 import psycopg
 
 from outbox_relay.config import Settings, format_duration, redact_url
 from outbox_relay.database import connected_to
-from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
+from outbox_relay.errors import OutboxError, ReadOnlyServerError, ServerUnavailableError
 from outbox_relay.jetstream import (
     batch_support,
     connect_nats,
@@ -254,6 +255,8 @@ class Relay:
                 await self._pause(delay)
                 await sessions.reopen()
                 continue
+            if step.result is not None and step.result.stream_missing:
+                await self._recreate_stream(publisher)
             if step.result is not None and step.result.transient:
                 # The outage began when this batch's publishing did.
                 delay = min(outage.next_delay(), await liveness.unpublishable(attempted))
@@ -273,6 +276,24 @@ class Relay:
                     self.metrics.set_state(RelayState.IDLE)
                 await wakeups.wakeup.wait(wait)
         await pipeline.settle_if_possible()
+
+    async def _recreate_stream(self, publisher: Publisher) -> None:
+        """The stream was deleted under the relay: create it as at start (its rows
+        waited in the outbox meanwhile). An operator's own stream comes back with our
+        settings, so the warning says what was made."""
+        nc = publisher.client
+        try:
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                status = await ensure_stream(
+                    nc.jetstream(), self.settings, batches=batch_support(nc)
+                )
+        except (OutboxError, nats.errors.Error, TimeoutError) as exc:
+            log.warning("stream %s missing, and not recreated: %s", self.settings.stream, exc)
+            return
+        if status.created:
+            log.warning(
+                "stream %s was deleted: %s, as at start", self.settings.stream, status.describe()
+            )
 
     def _current_publisher(self) -> Publisher | None:
         return self._publisher
