@@ -72,7 +72,7 @@ def lag_command(
             run_async(lambda: watch_lag(settings, limits, interval, as_json=as_json))
         return
     lag = run_async(lambda: read_lag(settings))
-    click.echo(_format_lag(lag, limits, as_json=as_json))
+    click.echo(format_lag(lag, limits, as_json=as_json))
     if problems := limits.exceeded(lag):
         raise ThresholdExceeded("; ".join(problems))
 
@@ -100,7 +100,7 @@ class LagLimits:
         return problems
 
 
-def _format_lag(lag: Lag, limits: LagLimits, *, as_json: bool) -> str:
+def format_lag(lag: Lag, limits: LagLimits, *, as_json: bool) -> str:
     if as_json:
         return orjson.dumps(lag.as_dict()).decode()
     lines = [
@@ -128,7 +128,7 @@ async def watch_lag(
     async with await connect_postgres(settings, autocommit=True) as conn:
         await ensure_migrated(conn, settings.names)
         while True:
-            shown = _format_lag(await store.lag(conn), limits, as_json=as_json)
+            shown = format_lag(await store.lag(conn), limits, as_json=as_json)
             if in_place:
                 click.echo(f"\x1b[H\x1b[2J{datetime.now():%H:%M:%S}  outbox {settings.schema}")
             click.echo(shown)

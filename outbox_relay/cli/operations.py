@@ -14,6 +14,7 @@ from outbox_relay.cli.options import (
     ORDERING_KEY_OPTIONS,
     WINDOW_OPTIONS,
     duration,
+    option,
     run_async,
     settings_from,
     window_bounds,
@@ -35,11 +36,10 @@ from outbox_relay.subjects import validate_subject
 
 @click.command("replay")
 @with_options([*DATABASE_OPTIONS, *ORDERING_KEY_OPTIONS, *WINDOW_OPTIONS])
-@click.option(
+@option(
     "--subject-prefix",
     envvar="OUTBOX_SUBJECT_PREFIX",
     default=config.DEFAULT_SUBJECT_PREFIX,
-    show_default=True,
     help="Replayed subjects are <prefix>.<event_type>.",
 )
 @click.option("--execution-id", "execution_ids", type=int, multiple=True, help="Repeatable.")

@@ -4,11 +4,16 @@ import ast
 import re
 from pathlib import Path
 
-from outbox_relay.cli import configuration_reference
+import click
+
+from outbox_relay.cli import cli, configuration_reference
+from outbox_relay.cli.inspection import LagLimits, format_lag, verify_command
 from outbox_relay.config import DEFAULT_SUBJECT_PREFIX
 from outbox_relay.headers import validate_headers
 from outbox_relay.metrics import RelayMetrics, RelayStats
+from outbox_relay.store import Lag
 from outbox_relay.subjects import subject_matches, validate_subject
+from outbox_relay.verify import PROBLEMS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -61,3 +66,35 @@ def test_every_metric_the_relay_exports_is_in_the_readme() -> None:
     exported = {family.name + suffix.get(family.type, "") for family in metrics.registry.collect()}
     documented = set(re.findall(r"`(outbox_relay_[a-z_]+)", README))
     assert exported - documented == set(), "README's metrics table misses these"
+
+
+def test_every_option_with_a_variable_shows_it_in_help() -> None:
+    """`replay --help` used to hide OUTBOX_SUBJECT_PREFIX."""
+
+    def commands(group: click.Group) -> list[click.Command]:
+        found: list[click.Command] = [group]
+        for command in group.commands.values():
+            found += commands(command) if isinstance(command, click.Group) else [command]
+        return found
+
+    hidden = [
+        f"{command.name} {param.opts[0]}"
+        for command in commands(cli)
+        for param in command.params
+        if isinstance(param, click.Option) and param.envvar and not param.show_envvar
+    ]
+    assert hidden == []
+
+
+def test_verify_help_names_every_problem_it_exits_five_for() -> None:
+    assert verify_command.help is not None
+    text = " ".join(verify_command.help.split())
+    exits_five = text[text.index("Exits 5") :]
+    words = {p: p.replace("_", " ").removesuffix(" by failover") for p in PROBLEMS}
+    assert [p for p, said in words.items() if said not in exits_five] == []
+
+
+def test_the_readme_lag_sample_is_what_lag_prints() -> None:
+    sample = re.search(r"`outbox-relay lag --json` prints\n`(\{.*?\})`", README)
+    assert sample, "README lost its lag --json sample"
+    assert sample[1] == format_lag(Lag(0, 0.0, 0, 0), LagLimits(), as_json=True)
