@@ -34,6 +34,7 @@ from outbox_relay.errors import (
     InvalidHeadersError,
     InvalidSubjectError,
     InvalidValueError,
+    NotMigratedError,
     OutboxError,
     PayloadTooLargeError,
 )
@@ -357,14 +358,31 @@ async def _execute_async(
 # The caller's connection may build dicts, named tuples or objects from rows (NoETL's
 # pool uses dict_row); our own cursor reads plain tuples whatever it is set to.
 def _fetch_first(conn: psycopg.Connection[Any], statement: _Statement) -> int:
-    with conn.cursor(row_factory=tuple_row) as cur:
+    with _migrated(), conn.cursor(row_factory=tuple_row) as cur:
         return _first(cur.execute(*statement).fetchone())
 
 
 async def _fetch_first_async(conn: psycopg.AsyncConnection[Any], statement: _Statement) -> int:
-    async with conn.cursor(row_factory=tuple_row) as cur:
-        await cur.execute(*statement)
-        return _first(await cur.fetchone())
+    with _migrated():
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(*statement)
+            return _first(await cur.fetchone())
+
+
+@contextmanager
+def _migrated() -> Iterator[None]:
+    """A producer used before ``migrate`` gets the step it missed, not a raw error."""
+    try:
+        yield
+    except (
+        psycopg.errors.InvalidSchemaName,
+        psycopg.errors.UndefinedFunction,
+        psycopg.errors.UndefinedTable,
+    ) as exc:
+        raise NotMigratedError(
+            f"{exc.diag.message_primary or exc}: run `outbox-relay migrate` (the same "
+            "database and schema) before producing"
+        ) from exc
 
 
 def _first(row: tuple[Any, ...] | None) -> int:

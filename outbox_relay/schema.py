@@ -134,6 +134,17 @@ async def grant_roles(conn: psycopg.AsyncConnection[Any], names: Names) -> list[
     """
     await ensure_migrated(conn, names)
     roles = [names.role(purpose) for purpose in ROLE_PURPOSES]
+    try:
+        await _grant(conn, names, roles)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"{exc.diag.message_primary or exc}: run `outbox-relay roles` as the schema's "
+            "owner (the user that ran migrate) or a superuser"
+        ) from None
+    return roles
+
+
+async def _grant(conn: psycopg.AsyncConnection[Any], names: Names, roles: list[str]) -> None:
     async with conn.transaction():
         await _lock_schema(conn, names)
         for role in roles:
@@ -142,4 +153,3 @@ async def grant_roles(conn: psycopg.AsyncConnection[Any], names: Names) -> list[
             if not (row and row[0]):
                 await conn.execute(query("create_role", names, role=sql.Identifier(role)))
         await conn.execute(render((SQL_DIR / "roles.sql").read_text(encoding="utf-8"), names))
-    return roles

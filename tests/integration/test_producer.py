@@ -10,7 +10,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox_relay.config import Settings
 from outbox_relay.database import connect_postgres
-from outbox_relay.errors import InvalidHeadersError, InvalidSubjectError, PayloadTooLargeError
+from outbox_relay.errors import (
+    InvalidHeadersError,
+    InvalidSubjectError,
+    NotMigratedError,
+    PayloadTooLargeError,
+)
 from outbox_relay.ids import SnowflakeGenerator, split_id
 from tests.helpers import fetch_all, producer_for
 
@@ -206,3 +211,18 @@ async def test_the_producer_works_inside_noetls_pool_configuration(outbox: Setti
         await pool.close()
     rows = await fetch_all(outbox, outbox_rows(outbox))
     assert [r[0] for r in rows] == [str(event_id)]
+
+
+async def test_a_producer_used_before_migrate_is_told_to_migrate(unmigrated: Settings) -> None:
+    producer = producer_for(unmigrated)
+    with psycopg.connect(unmigrated.database_url) as conn:
+        with pytest.raises(NotMigratedError, match="run `outbox-relay migrate`"):
+            producer.emit_event(conn, event_type="early", execution_id=1)
+        conn.rollback()
+        with pytest.raises(NotMigratedError, match=f'schema "{unmigrated.schema}" does not'):
+            producer.enqueue(
+                conn, subject=f"{unmigrated.subject_prefix}.x", payload=b"{}", msg_id="m"
+            )
+    async with await connect_postgres(unmigrated) as aconn:
+        with pytest.raises(NotMigratedError):
+            await producer.emit_event_async(aconn, event_type="early", execution_id=1)

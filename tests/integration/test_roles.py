@@ -203,3 +203,14 @@ async def test_a_producer_holding_the_membership_lock_too_is_seen_as_a_squatter(
 
 async def _is(value: float | None, expected: float) -> bool:
     return value == expected
+
+
+async def test_roles_by_a_user_who_may_not_grant_says_who_may(
+    outbox: Settings, logins: dict[str, Settings]
+) -> None:
+    """It used to end in a raw `permission denied for sequence ...`, exit 1."""
+    result = await outbox_relay("roles", env=env_for(logins["operator"]))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "permission denied" in result.stderr
+    assert "as the schema's owner (the user that ran migrate) or a superuser" in result.stderr
+    assert result.stderr.count("\n") == 1
