@@ -33,6 +33,12 @@ class ServerUnavailableError(OutboxError):
     exit_code = 3
 
 
+class CredentialsRefusedError(ServerUnavailableError):
+    """The server answered and refused the credentials: a setting to fix, at once."""
+
+    exit_code = 2
+
+
 class ReadOnlyServerError(ServerUnavailableError):
     """PostgreSQL answers but takes no writes: a standby, or a read-only session."""
 

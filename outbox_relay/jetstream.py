@@ -31,7 +31,12 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 
 from outbox_relay import atomic, fast_ingest
 from outbox_relay.config import DurableConsumer, NatsAuth, Settings, format_duration, redact_url
-from outbox_relay.errors import ConfigError, OutboxError, ServerUnavailableError
+from outbox_relay.errors import (
+    ConfigError,
+    CredentialsRefusedError,
+    OutboxError,
+    ServerUnavailableError,
+)
 from outbox_relay.subjects import subject_matches
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc) or type(exc).__name__)
+        if not nc.is_connected and _refusal(errors[-1]):
+            refused.cancel()
         if nc.is_connected or nc.is_reconnecting:
             # Before the first connect the final error line says it all, once.
             log.warning("NATS error (%s): %s", shown, errors[-1])
@@ -68,8 +75,10 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
         log.info("NATS reconnected (%s)", shown)
 
     nc = NATS()
+    # A refused credential will not be accepted on a retry: stop at the first.
+    refused = anyio.CancelScope()
     try:
-        with anyio.fail_after(settings.connect_timeout):
+        with anyio.fail_after(settings.connect_timeout), refused:
             await nc.connect(
                 servers=list(settings.nats_urls),
                 name=name,
@@ -90,13 +99,16 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
         await nc.close()
         if not isinstance(exc, TimeoutError):
             errors.append(str(exc) or type(exc).__name__)
-        # A refusal (credentials, certificate) explains more than the reset after it.
-        telling = [e for e in errors if _connect_hint(e) is not _GENERIC_HINT]
-        reason = (telling or errors or ["timed out"])[-1]
-        raise ServerUnavailableError(
-            f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
-            f"({reason}): {_connect_hint(reason)}"
-        ) from exc
+        raise _unavailable(shown, settings, errors) from exc
+    if refused.cancel_called:
+        # Stopped mid-connect: nats-py's close() would skip the socket it opened.
+        transport = getattr(nc, "_transport", None)
+        await nc.close()
+        if transport is not None:
+            transport.close()
+            with contextlib.suppress(OSError):
+                await transport.wait_closed()
+        raise _unavailable(shown, settings, errors)
     discard_unsent_on_close(nc)
     return nc
 
@@ -135,6 +147,26 @@ def _writer_of(nc: NATS) -> asyncio.StreamWriter | None:
     """nats-py's TCP (or TLS) stream writer; None for a WebSocket, or before connecting."""
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
     return writer if isinstance(writer, asyncio.StreamWriter) else None
+
+
+def _unavailable(shown: str, settings: Settings, errors: list[str]) -> ServerUnavailableError:
+    # A refusal (credentials, certificate) explains more than the reset after it.
+    telling = [e for e in errors if _connect_hint(e) is not _GENERIC_HINT]
+    reason = (telling or errors or ["timed out"])[-1]
+    if _refusal(reason):
+        return CredentialsRefusedError(
+            f"NATS at {shown} refused the connection ({reason}): {_connect_hint(reason)}"
+        )
+    return ServerUnavailableError(
+        f"cannot reach NATS at {shown} within {format_duration(settings.connect_timeout)} "
+        f"({reason}): {_connect_hint(reason)}"
+    )
+
+
+def _refusal(reason: str) -> bool:
+    """The server refused our credentials: no retry will be let in."""
+    lowered = reason.lower()
+    return "authorization violation" in lowered or "authentication" in lowered
 
 
 def _connect_hint(reason: str) -> str:

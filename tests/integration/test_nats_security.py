@@ -22,7 +22,7 @@ import trustme
 
 from outbox_relay.config import NatsAuth, Settings
 from outbox_relay.embedded import EmbeddedNats
-from outbox_relay.errors import ServerUnavailableError
+from outbox_relay.errors import CredentialsRefusedError, ServerUnavailableError
 from outbox_relay.jetstream import connect_nats
 from tests.helpers import drained, emit_events, running_relay, wait_until
 
@@ -180,3 +180,21 @@ async def test_creds_file(outbox: Settings, tmp_path: Path) -> None:
         settings = replace(outbox, nats_urls=(server.url,))
         await _relays_through(replace(settings, nats_auth=NatsAuth(creds_file=str(creds))))
         await _refused(settings)
+
+
+async def test_refused_credentials_end_the_start_at_once(
+    outbox: Settings, password_server: EmbeddedNats
+) -> None:
+    """No retry of a refused password is let in: it used to wait out the connect timeout."""
+    settings = replace(
+        outbox,
+        nats_urls=(password_server.url,),
+        nats_auth=NatsAuth("relay", "wrong"),
+        connect_timeout=20.0,
+    )
+    started = time.monotonic()
+    with pytest.raises(CredentialsRefusedError) as refused:
+        await connect_nats(settings)
+    assert time.monotonic() - started < 5
+    assert refused.value.exit_code == 2  # a setting to fix, not a server to wait for
+    assert "refused the connection (nats: 'Authorization Violation')" in str(refused.value)
