@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,34 @@ def test_the_deployment_probes_the_relay_and_runs_several_replicas() -> None:
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
     assert str(port) == config["data"]["OUTBOX_METRICS_PORT"]
     assert any(r["kind"] == "PodDisruptionBudget" for _, r in kubernetes_resources())
-    job = next(r for _, r in kubernetes_resources() if r["kind"] == "Job")
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
+
+
+def test_every_relay_pod_migrates_before_it_relays() -> None:
+    """A Job applied with the Deployment enforced no order, and a Job's template cannot
+    change, so the next release's apply failed while the old Job existed."""
+    resources = [r for _, r in kubernetes_resources()]
+    assert not any(r["kind"] == "Job" for r in resources)
+    deployment = next(r for r in resources if r["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (migrate,) = pod["initContainers"]
+    (relay,) = pod["containers"]
+    assert migrate["args"] == ["migrate"]
+    assert migrate["image"] == relay["image"]
+    secrets = {ref["secretRef"]["name"] for ref in migrate["envFrom"] if "secretRef" in ref}
+    assert secrets == {"outbox-relay-migrate"}  # the owner's URL, for this container only
+    assert all(
+        ref.get("secretRef", {}).get("name") != "outbox-relay-migrate" for ref in relay["envFrom"]
+    )
+
+
+def test_the_image_is_the_release() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    assert image["newTag"] == version("outbox-relay")
+    deployment = next(r for _, r in kubernetes_resources() if r["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].startswith(
+        f"{image['name']}:"
+    )
 
 
 # What the ConfigMap sets on purpose for a cluster; every other key says the default.
