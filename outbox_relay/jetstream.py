@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,19 +59,25 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
     # so "timed out" alone would hide a refused password or certificate.
     errors: list[str] = []
 
+    # While reconnecting nats-py reports every failed attempt (one a second): the
+    # first is news, the rest are summed up every _ERRORS_EVERY seconds.
+    quiet = _Throttle(_ERRORS_EVERY)
+
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc) or type(exc).__name__)
         if not nc.is_connected and _refusal(errors[-1]):
             refused.cancel()
-        if nc.is_connected or nc.is_reconnecting:
-            # Before the first connect the final error line says it all, once.
-            log.warning("NATS error (%s): %s", shown, errors[-1])
+        # Before the first connect the final error line says it all, once.
+        if (nc.is_connected or nc.is_reconnecting) and (repeated := quiet.due()) is not None:
+            again = f" ({repeated} more since the last line)" if repeated else ""
+            log.warning("NATS error (%s): %s%s", shown, errors[-1], again)
 
     async def on_disconnected() -> None:
         if not nc.is_closed:  # a close() of ours is no news
             log.warning("NATS disconnected (%s); reconnecting", shown)
 
     async def on_reconnected() -> None:
+        quiet.reset()
         discard_unsent_on_close(nc)
         log.info("NATS reconnected (%s)", shown)
 
@@ -111,6 +118,30 @@ async def connect_nats(settings: Settings, *, name: str = "outbox-relay") -> NAT
         raise _unavailable(shown, settings, errors)
     discard_unsent_on_close(nc)
     return nc
+
+
+_ERRORS_EVERY = 30.0  # seconds between lines about the same outage's errors
+
+
+class _Throttle:
+    """Lets a line through now and then; counts the ones held back."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._next = 0.0
+        self._held = 0
+
+    def due(self) -> int | None:
+        """How many were held back since the last line let through, or None: hold."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self._every
+        return held
+
+    def reset(self) -> None:
+        self._next, self._held = 0.0, 0
 
 
 def discard_unsent_on_close(nc: NATS) -> None:

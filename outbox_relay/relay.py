@@ -244,16 +244,7 @@ class Relay:
             except (psycopg.Error, TimeoutError, ServerUnavailableError) as exc:
                 if not sessions.lost(exc):
                     raise
-                # Session-level locks go with their session.
-                wakeups.forget()
-                sessions.partitions.forget()
-                self._connections.postgres = False
-                delay = outage.next_delay()
-                log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", one_line(exc), delay)
-                pipeline.drop()
-                await sessions.close()
-                await self._pause(delay)
-                await sessions.reopen()
+                await self._reconnect_postgres(exc, outage.next_delay())
                 continue
             if step.result is not None and step.result.stream_missing:
                 await self._recreate_stream(publisher)
@@ -276,6 +267,20 @@ class Relay:
                     self.metrics.set_state(RelayState.IDLE)
                 await wakeups.wakeup.wait(wait)
         await pipeline.settle_if_possible()
+
+    async def _reconnect_postgres(self, exc: BaseException, delay: float) -> None:
+        """A session is gone, and with it its session-level locks (partitions, the idle
+        lock) and its batch's row locks: start again from new sessions."""
+        self._wakeups.forget()
+        self._sessions.partitions.forget()
+        self._connections.postgres = False
+        log.warning("PostgreSQL unavailable (%s); retrying in %.1fs", one_line(exc), delay)
+        self._pipeline.drop()
+        await self._sessions.close()
+        await self._pause(delay)
+        await self._sessions.reopen()
+        if not self._sessions.reopen_error:
+            log.info("PostgreSQL reachable again (%s)", connected_to(self._sessions.first()))
 
     async def _recreate_stream(self, publisher: Publisher) -> None:
         """The stream was deleted under the relay: create it as at start (its rows

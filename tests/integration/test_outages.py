@@ -1,5 +1,6 @@
 """Outages are waited out and never count against a row."""
 
+import logging
 from dataclasses import replace
 
 import anyio
@@ -70,7 +71,10 @@ async def test_listener_killed_reconnects_and_wakes_again(outbox: Settings) -> N
             await wait_until(lambda: drained(settings), within=15)
 
 
-async def test_relay_sessions_killed_mid_stream_lose_nothing(outbox: Settings, nc: NATS) -> None:
+async def test_relay_sessions_killed_mid_stream_lose_nothing(
+    outbox: Settings, nc: NATS, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="outbox_relay")
     settings = replace(outbox, batch_size=20)
     ids = emit_events(settings, 2000)
     killed = 0
@@ -92,3 +96,11 @@ async def test_relay_sessions_killed_mid_stream_lose_nothing(outbox: Settings, n
     assert_exactly_once(await stream_messages(nc, settings), ids)
     assert await attempts(settings) == []
     assert relay.stats.dead_lettered == 0
+    # An outage logged ends with a line saying it ended, as NATS's do.
+    said = [
+        m
+        for r in caplog.records
+        if r.name == "outbox_relay.relay" and "PostgreSQL" in (m := r.getMessage())
+    ]
+    assert any("PostgreSQL unavailable" in m for m in said)
+    assert "PostgreSQL reachable again" in said[-1], said

@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 
 from outbox_relay.config import Settings
+from outbox_relay.jetstream import _Throttle
 from outbox_relay.outages import Backoff
 from outbox_relay.wakeup import Wakeup, Wakeups
 
@@ -139,3 +140,11 @@ async def test_an_ordered_relay_asleep_looks_at_its_partitions_often() -> None:
     wakeups = wakeups_over(IdleLockLedger(), ordered=True)
     await wakeups.after_batch(CONN, claimed=0, in_flight=False, recheck_soon=False)
     assert await wakeups.after_batch(CONN, claimed=0, in_flight=False, recheck_soon=False) == 2.0
+
+
+def test_a_throttle_lets_the_first_line_through_and_counts_the_rest() -> None:
+    throttle = _Throttle(every=60.0)
+    assert throttle.due() == 0
+    assert [throttle.due() for _ in range(3)] == [None, None, None]
+    throttle.reset()  # reconnected: the next outage's first error is news again
+    assert throttle.due() == 0
