@@ -36,7 +36,6 @@ import anyio
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
@@ -46,6 +45,7 @@ from outbox_relay.channel import AckInbox
 from outbox_relay.embedded import EmbeddedNats
 from outbox_relay.jetstream import server_version
 from outbox_relay.publish import MSG_ID_HEADER, Ack
+from outbox_relay.publish_fast import FastInbox
 
 MODES = ("publish_async", "atomic", "fast")
 ATOMIC_IN_FLIGHT = 4  # batches awaiting their PubAck: 4,000 messages, as publish_async
@@ -71,18 +71,14 @@ class FastPublisher:
     def __init__(self, nc: NATS, *, flow: int) -> None:
         self._nc = nc
         self._flow = flow
-        self._root = ""
-        self._batches: dict[str, fast_ingest.BatchState] = {}
+        self._inbox = FastInbox(nc)  # the relay's own, for the answers
 
     async def start(self) -> None:
-        self._root = self._nc.new_inbox()
-        await self._nc.subscribe(f"{self._root}.>", cb=self._on_reply)
+        await self._inbox.start()
 
     async def publish(self, subject: str, payload: bytes, msg_ids: Sequence[str]) -> None:
         """Store ``msg_ids`` as one batch; :class:`ModeFailed` unless all were stored."""
-        batch_id = uuid.uuid4().hex
-        batch = self._batches[batch_id] = fast_ingest.BatchState(self._flow)
-        prefix = fast_ingest.batch_prefix(self._root, batch_id, self._flow)
+        batch_id, prefix, batch = self._inbox.open(self._flow)
         size = len(msg_ids)
         try:
             for sequence, msg_id in enumerate(msg_ids, start=1):
@@ -103,7 +99,7 @@ class FastPublisher:
                     await self._until(batch, subject, prefix, sequence, opened)
             await self._until(batch, subject, prefix, 0, lambda b: b.ended)
         finally:
-            del self._batches[batch_id]
+            self._inbox.close(batch_id)
         if batch.stored != size:
             raise ModeFailed(f"fast batch of {size} acknowledged as storing {batch.stored}")
 
@@ -133,14 +129,6 @@ class FastPublisher:
             if waited.cancel_called and ping_at:
                 ping = fast_ingest.reply_subject(prefix, ping_at, fast_ingest.Operation.PING)
                 await self._nc.publish(subject, b"", reply=ping)
-
-    async def _on_reply(self, msg: Msg) -> None:
-        batch_id, sequence = fast_ingest.answered_message(msg.subject[len(self._root) + 1 :])
-        batch = self._batches.get(batch_id)
-        if batch is None:
-            return
-        batch.take(sequence, fast_ingest.parse_answer(msg.data))
-        batch.changed.set()
 
 
 async def publish_async_mode(js: JetStreamContext, subject: str, payload: bytes, n: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import anyio
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from outbox_relay import fast_ingest
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 class FastInbox:
     """The answers to every fast-ingest batch of one connection, on one wildcard."""
 
-    def __init__(self, channel: Channel) -> None:
-        self._nc = channel.nc
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
         self._root = ""
         self._batches: dict[str, fast_ingest.BatchState] = {}
 
@@ -60,7 +61,7 @@ class FastIngestPath:
 
     def __init__(self, channel: Channel, *, on: bool) -> None:
         self._channel = channel
-        self._inbox = FastInbox(channel)
+        self._inbox = FastInbox(channel.nc)
         self.on = on
 
     async def start(self) -> None:
