@@ -47,11 +47,15 @@ async def run_demo(*, events: int, producers: int) -> None:
         raise OutboxError("--events and --producers must be at least 1")
     with ExitStack() as stack:
         database_url = os.environ.get("OUTBOX_DATABASE_URL", "")
+        # A throw-away server gets a standalone event table; a configured one only as
+        # `migrate` would give it one (NoETL's table, or --create-event-table).
+        create_event_table = True
         if not _postgres_configured():
             pg = stack.enter_context(EmbeddedPostgres())
             database_url = pg.url
             click.echo(f"postgres  embedded PostgreSQL {pg.version} ({pg.url})")
         else:
+            create_event_table = _flag("OUTBOX_CREATE_EVENT_TABLE")
             click.echo("postgres  configured server")
         nats_env = os.environ.get("OUTBOX_NATS_URL", "")
         if nats_env:
@@ -68,17 +72,27 @@ async def run_demo(*, events: int, producers: int) -> None:
             stream=os.environ.get("OUTBOX_STREAM", "noetl_events"),
             subject_prefix=os.environ.get("OUTBOX_SUBJECT_PREFIX", "noetl.events"),
         )
-        await _demo(settings, events=events, producers=producers)
+        await _demo(
+            settings, events=events, producers=producers, create_event_table=create_event_table
+        )
 
 
-async def _demo(settings: Settings, *, events: int, producers: int) -> None:
+def _flag(variable: str) -> bool:
+    """An on/off environment variable, read as click reads the flag it stands for."""
+    return os.environ.get(variable, "").strip().lower() in {"1", "true", "t", "yes", "y", "on"}
+
+
+async def _demo(
+    settings: Settings, *, events: int, producers: int, create_event_table: bool
+) -> None:
     async with await connect_postgres(settings) as conn:
-        applied = await migrate(conn, settings.names, create_event_table=True)
+        applied = await migrate(conn, settings.names, create_event_table=create_event_table)
         target = connected_to(conn)
     click.echo(
         f"schema    {settings.schema} in database {target}: "
         f"{'migrated' if applied else 'already migrated'}"
     )
+    click.echo(f"events    {events} demo events into its event table and stream {settings.stream}")
 
     relay = Relay(settings, relay_id="demo")
     nc = await connect_nats(settings, name="outbox-relay demo")

@@ -266,6 +266,22 @@ async def test_demo_uses_configured_servers(unmigrated: Settings) -> None:
     assert (await lag(unmigrated)).pending == 0
 
 
+async def test_demo_on_a_configured_database_makes_no_event_table_unasked(
+    unmigrated: Settings,
+) -> None:
+    """It used to create the standalone table, which `migrate` refuses to do unasked."""
+    env = env_for(unmigrated, OUTBOX_CREATE_EVENT_TABLE="")
+    result = await outbox_relay("demo", "--events", "5", env=env, within=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no event table" in result.stderr
+    assert "Traceback" not in result.stderr
+    with psycopg.connect(unmigrated.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (unmigrated.schema,)
+        ).fetchone()
+    assert row == (0,)  # nothing created
+
+
 async def test_dead_letters_can_be_listed_retried_and_purged(
     outbox: Settings, tmp_path: Path
 ) -> None:
