@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 from dataclasses import dataclass, field
@@ -308,9 +309,13 @@ def describe_database(conninfo: str) -> str:
     def param(key: str, env: str) -> str:
         return str(params.get(key) or os.environ.get(env, ""))
 
-    where = param("host", "PGHOST") or "localhost"
-    if port := param("port", "PGPORT"):
-        where = f"{where}:{port}"
-    user = param("user", "PGUSER")
-    dbname = param("dbname", "PGDATABASE") or user or "(default database)"
-    return f"{user}@{where}/{dbname}" if user else f"{where}/{dbname}"
+    # libpq's defaults when nothing says otherwise: the local socket, the login
+    # name, a database named after the user. Shown as such, not as "localhost".
+    port = param("port", "PGPORT")
+    if host := param("host", "PGHOST"):
+        where = f"{host}:{port}" if port else host
+    else:
+        where = f"local socket .s.PGSQL.{port or 5432}"
+    user = param("user", "PGUSER") or getpass.getuser()
+    dbname = param("dbname", "PGDATABASE") or user
+    return f"{user}@{where}/{dbname}"

@@ -161,3 +161,16 @@ def test_consumers_come_from_one_variable(monkeypatch: pytest.MonkeyPatch) -> No
     context = cli.commands["run"].make_context("run", [])
     consumers = settings_from(dict(context.params)).consumers
     assert [c.name for c in consumers] == ["noetl_projector", "noetl_result_materializer"]
+
+
+def test_describe_database_shows_libpqs_defaults_not_localhost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With nothing set, libpq goes to the local socket as the login user."""
+    for name in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("LOGNAME", "alice")
+    assert describe_database("") == "alice@local socket .s.PGSQL.5432/alice"
+    monkeypatch.setenv("PGPORT", "6543")
+    assert describe_database("dbname=events") == "alice@local socket .s.PGSQL.6543/events"
