@@ -55,13 +55,7 @@ async def migrate(
     for a standalone one: NoETL's DDL would keep ours, which is not NoETL's shape.
     """
     async with conn.transaction():
-        cur = await conn.execute(query("read_only", names))
-        row = await cur.fetchone()
-        if row and row[0]:
-            raise ReadOnlyServerError(
-                f"PostgreSQL at {connected_to(conn)} is read-only (a standby?): "
-                "run migrate against the primary"
-            )
+        await require_writable(conn, names, "run migrate against the primary")
         await _lock_schema(conn, names)
         await conn.execute(query("create_migrations_table", names))
         cur = await conn.execute(query("applied_migrations", names))
@@ -81,6 +75,18 @@ async def migrate(
                 {"version": migration.version, "name": migration.name},
             )
     return pending
+
+
+async def require_writable(
+    conn: psycopg.AsyncConnection[Any], names: Names, advice: str = ""
+) -> None:
+    """:class:`ReadOnlyServerError` naming the server unless it takes writes: a standby,
+    or sessions read-only by default. ``advice``: what to do instead, if anything."""
+    cur = await conn.execute(query("read_only", names))
+    row = await cur.fetchone()
+    if row and row[0]:
+        where = f"PostgreSQL at {connected_to(conn)} is read-only (a standby?)"
+        raise ReadOnlyServerError(f"{where}: {advice}" if advice else where)
 
 
 async def _require_event_table(conn: psycopg.AsyncConnection[Any], names: Names) -> None:

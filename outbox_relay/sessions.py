@@ -13,12 +13,13 @@ import anyio
 import psycopg
 
 from outbox_relay.config import Settings
-from outbox_relay.database import connect_postgres, connected_to
-from outbox_relay.errors import ReadOnlyServerError, ServerUnavailableError
+from outbox_relay.database import connect_postgres
+from outbox_relay.errors import ServerUnavailableError
 from outbox_relay.metrics import Connections
 from outbox_relay.outages import STATEMENT_TIMEOUT, connection_lost, one_line
 from outbox_relay.partitions import PartitionOwner
 from outbox_relay.queries import query
+from outbox_relay.schema import require_writable
 from outbox_relay.store import OutboxStore
 
 _IDLE_SESSION_TIMEOUT_SINCE = 140000  # PostgreSQL 14
@@ -102,7 +103,7 @@ class Sessions:
         settings = self.settings
         conn = await connect_postgres(settings, application_name=self.application_name)
         try:
-            await self._require_writable(conn)
+            await require_writable(conn, settings.names)
             await conn.execute(
                 query("configure_session", settings.names),
                 {
@@ -127,9 +128,3 @@ class Sessions:
             raise
         self._connections.postgres = True
         return conn
-
-    async def _require_writable(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if await self._store.read_only(conn):
-            raise ReadOnlyServerError(
-                f"PostgreSQL at {connected_to(conn)} is read-only (a standby?)"
-            )

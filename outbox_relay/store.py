@@ -187,7 +187,6 @@ class OutboxStore:
         self._release_idle_lock = named("release_idle_lock")
         self._join_relays = named("join_relays")
         self._ping = named("ping")
-        self._read_only = named("read_only")
         self._wal_position = named("wal_position")
         self._standby_has = named("standby_has")
         self._count_relays = named("count_relays", is_relay=_is_relay("r.pid", names))
@@ -320,10 +319,6 @@ class OutboxStore:
             if time.monotonic() >= until:
                 return False
             await anyio.sleep(_STANDBY_POLL)
-
-    async def read_only(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Whether the server takes no writes (a standby, say)."""
-        return await self._flag(conn, self._read_only)
 
     # Key partitions (sql/migrations/0004_ordered_delivery.sql): session-level locks,
     # taken and released between batches, in short transactions of their own.

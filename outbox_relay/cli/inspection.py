@@ -27,11 +27,11 @@ from outbox_relay.config import (
     Settings,
     format_duration,
 )
-from outbox_relay.database import connect_postgres, connected_to
-from outbox_relay.errors import OutboxError, ReadOnlyServerError
+from outbox_relay.database import connect_postgres
+from outbox_relay.errors import OutboxError
 from outbox_relay.jetstream import connect_nats, publish_note, require_stream
 from outbox_relay.producer import max_payload_from_env
-from outbox_relay.schema import ensure_migrated, latest_version
+from outbox_relay.schema import ensure_migrated, latest_version, require_writable
 from outbox_relay.store import Lag, OutboxStore, RetryPolicy
 from outbox_relay.verify import PROBLEMS, Report, VerificationFailed, verify
 
@@ -143,13 +143,13 @@ def check_command(**options: Any) -> None:
 
     async def go() -> None:
         async with await connect_postgres(settings, autocommit=True) as conn:
-            store = OutboxStore(settings.names, RetryPolicy())
-            if await store.read_only(conn):
-                raise ReadOnlyServerError(
-                    f"PostgreSQL at {connected_to(conn)} is read-only (a standby?): relays "
-                    "would wait there for a primary; point --database-url at the primary"
-                )
+            await require_writable(
+                conn,
+                settings.names,
+                "relays would wait there for a primary; point --database-url at the primary",
+            )
             await ensure_migrated(conn, settings.names)
+            store = OutboxStore(settings.names, RetryPolicy())
             health = await store.table_health(conn)
             squatters = await store.partition_squatters(conn)
         click.echo(f"postgres: ok, schema {settings.schema} at version {latest_version()}")
